@@ -1,0 +1,41 @@
+"""Samplers: `(key, score_fn, process, shape, *, options) -> SamplerOutput(samples, nfe)`.
+
+Each is compiled once per shape and option setting; its whole loop is one
+`lax.scan` (or a diffrax solve) inside that compilation.
+"""
+
+from diffusers_unified.samplers.common import SamplerOutput, resolve_grid, tweedie_denoise
+from diffusers_unified.samplers.ode import probability_flow
+from diffusers_unified.samplers.pc import (
+    DDIM,
+    Ancestral,
+    AnnealedLangevin,
+    EulerMaruyama,
+    Langevin,
+    NoCorrector,
+    NoPredictor,
+    ReverseDiffusion,
+    ancestral,
+    annealed_langevin,
+    ddim,
+    predictor_corrector,
+)
+
+__all__ = [
+    "DDIM",
+    "Ancestral",
+    "AnnealedLangevin",
+    "EulerMaruyama",
+    "Langevin",
+    "NoCorrector",
+    "NoPredictor",
+    "ReverseDiffusion",
+    "SamplerOutput",
+    "ancestral",
+    "annealed_langevin",
+    "ddim",
+    "predictor_corrector",
+    "probability_flow",
+    "resolve_grid",
+    "tweedie_denoise",
+]
