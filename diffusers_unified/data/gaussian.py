@@ -50,8 +50,9 @@ class GaussianMixture(struct.PyTreeNode):
         eigvals, eigvecs = np.linalg.eigh(covs)
         if np.any(eigvals <= 0):
             raise ValueError("every covariance must be positive definite")
-        f32 = lambda a: jnp.asarray(a, jnp.float32)
-        return cls(f32(weights / weights.sum()), f32(means), f32(eigvals), f32(eigvecs))
+        # The default float type: float32, or float64 under jax.enable_x64.
+        arr = lambda a: jnp.asarray(a, jnp.result_type(float))
+        return cls(arr(weights / weights.sum()), arr(means), arr(eigvals), arr(eigvecs))
 
     @classmethod
     def gaussian(cls, mean, cov) -> GaussianMixture:
@@ -93,19 +94,30 @@ class GaussianMixture(struct.PyTreeNode):
         return alpha * x0 + sigma * jax.random.normal(key_e, x0.shape), labels
 
     # -- densities and scores of the perturbed mixture --------------------------
+    def _stacked_eigvecs(self) -> Array:
+        """All eigenbases side by side, (d, K d): column k d + j is U_k[:, j]."""
+        k, d = self.means.shape
+        return jnp.transpose(self.eigvecs, (1, 0, 2)).reshape(d, k * d)
+
     def _components(self, x: Array, alpha, sigma):
-        """Per-component log densities (n, K) and scores (n, K, d) of p_t at x (n, d)."""
-        alpha = jnp.reshape(jnp.asarray(alpha, jnp.float32), (-1, 1, 1))
-        sigma = jnp.reshape(jnp.asarray(sigma, jnp.float32), (-1, 1, 1))
-        var = alpha**2 * self.eigvals[None] + sigma**2  # (n or 1, K, d)
-        y = jnp.einsum("nki,kij->nkj", x[:, None, :] - alpha * self.means[None], self.eigvecs)
+        """log w_k N_k(x) (n, K), and the whitened residuals y / var (n, K, d).
+
+        y_k = U_k^T (x - alpha mu_k) for all k comes from one (n, d) x (d, K d)
+        matrix product: much faster on CPU than per-component einsums or
+        reductions over the small K and d axes.
+        """
+        k, d = self.means.shape
+        alpha = jnp.reshape(jnp.asarray(alpha), (-1, 1, 1))
+        sigma = jnp.reshape(jnp.asarray(sigma), (-1, 1, 1))
+        var = alpha**2 * self.eigvals + sigma**2  # (n or 1, K, d)
+        projected_means = jnp.einsum("kij,ki->kj", self.eigvecs, self.means)
+        y = (x @ self._stacked_eigvecs()).reshape(-1, k, d) - alpha * projected_means
         log_n = -0.5 * (
-            jnp.sum(y**2 / var, axis=-1)
+            jnp.sum(y * y / var, axis=-1)
             + jnp.sum(jnp.log(var), axis=-1)
-            + self.dim * math.log(2 * math.pi)
+            + d * math.log(2 * math.pi)
         )
-        scores = -jnp.einsum("kij,nkj->nki", self.eigvecs, y / var)
-        return log_n + jnp.log(self.weights), scores
+        return log_n + jnp.log(self.weights), y / var
 
     def log_prob(self, x: Array, alpha=1.0, sigma=0.0) -> Array:
         """log p_t(x) for each row of x (n, d); alpha, sigma scalars or shaped (n,)."""
@@ -114,9 +126,11 @@ class GaussianMixture(struct.PyTreeNode):
 
     def score(self, x: Array, alpha=1.0, sigma=0.0) -> Array:
         """grad_x log p_t(x) for each row of x (n, d)."""
-        log_joint, scores = self._components(x, alpha, sigma)
+        log_joint, whitened = self._components(x, alpha, sigma)
         resp = jax.nn.softmax(log_joint, axis=-1)
-        return jnp.einsum("nk,nki->ni", resp, scores)
+        # -sum_k resp_k U_k (y_k / var_k), again as one matrix product.
+        weighted = (resp[..., None] * whitened).reshape(x.shape[0], -1)
+        return -weighted @ self._stacked_eigvecs().T
 
     def responsibilities(self, x: Array, alpha=1.0, sigma=0.0) -> Array:
         """p(component k | x_t = x), shaped (n, K)."""
