@@ -110,9 +110,13 @@ def ncsn_loss(
     dimensions, as in the paper.
     """
     return _denoising_loss(
-        process, apply_fn, parametrization, _grid_times(process),
-        lambda t: jnp.full_like(t, 0.5), reduce,
-    )  # fmt: skip
+        process,
+        apply_fn,
+        parametrization,
+        _grid_times(process),
+        lambda t: jnp.full_like(t, 0.5),
+        reduce,
+    )
 
 
 def dsm_loss(

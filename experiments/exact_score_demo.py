@@ -32,14 +32,19 @@ EM = (
 )
 # formulation -> (process, {sampler name: (sampler, options)}); the native ones first.
 FORMULATIONS = {
-    "DDPM": (DDPM(), {"ancestral": (samplers.ancestral, {}),
-                      "DDIM (100 steps)": (samplers.ddim, {}), "PF-ODE": ODE}),
+    "DDPM": (
+        DDPM(),
+        {
+            "ancestral": (samplers.ancestral, {}),
+            "DDIM (100 steps)": (samplers.ddim, {}),
+            "PF-ODE": ODE,
+        },
+    ),
     "NCSN": (NCSN(sigma_max=5.0), {"annealed Langevin": (samplers.annealed_langevin, {})}),
     "VP SDE": (VPSDE(), {"Euler-Maruyama": EM, "PF-ODE": ODE}),
     "sub-VP SDE": (SubVPSDE(), {"Euler-Maruyama": EM, "PF-ODE": ODE}),
-    "VE SDE": (VESDE(), {"PC (RD + Langevin)": (samplers.predictor_corrector, {}),
-                         "PF-ODE": ODE}),
-}  # fmt: skip
+    "VE SDE": (VESDE(), {"PC (RD + Langevin)": (samplers.predictor_corrector, {}), "PF-ODE": ODE}),
+}
 
 
 def main():
@@ -96,8 +101,13 @@ def main():
         note=f"Noise floor (two independent exact sets of {args.n}): {floor:.4f}. Figure: "
         "exact_score_demo.png.",
     )
-    final_json({"noise_floor": floor, "max_sw_over_floor": max(r[3] for r in rows) / floor,
-                "figure": figure})  # fmt: skip
+    final_json(
+        {
+            "noise_floor": floor,
+            "max_sw_over_floor": max(r[3] for r in rows) / floor,
+            "figure": figure,
+        }
+    )
 
 
 if __name__ == "__main__":

@@ -68,15 +68,19 @@ def ald(nfe, sigma_max):
 SAMPLERS = {
     "ancestral (VP)": fixed(VP, samplers.ancestral, 1),
     "ddim eta=0 (VP)": fixed(VP, samplers.ddim, 1),
-    "euler-maruyama (VP)": fixed(VP, samplers.predictor_corrector, 1,
-                                 predictor=samplers.EulerMaruyama(),
-                                 corrector=samplers.NoCorrector()),
+    "euler-maruyama (VP)": fixed(
+        VP,
+        samplers.predictor_corrector,
+        1,
+        predictor=samplers.EulerMaruyama(),
+        corrector=samplers.NoCorrector(),
+    ),
     "reverse diffusion + langevin (VE)": fixed(VE, samplers.predictor_corrector, 2),
     "annealed langevin (NCSN, L=10)": ald,
     "ode euler (VP)": ode("euler", 1),
     "ode heun (VP)": ode("heun", 2),
     "ode rk4 (VP)": ode("rk4", 4),
-}  # fmt: skip
+}
 ADAPTIVE = {"ode dopri5 (VP)": "dopri5", "ode tsit5 (VP)": "tsit5"}
 
 

@@ -32,9 +32,12 @@ def exact_flow(process, x_start, t_start, t_end):
 @pytest.mark.parametrize("process", [VPSDE(), SubVPSDE(), VESDE()], ids=lambda p: type(p).__name__)
 @pytest.mark.parametrize(
     "method,order,steps",
-    [("euler", 1, [50, 100, 200, 400]), ("heun", 2, [50, 100, 200, 400]),
-     ("rk4", 4, [16, 32, 64, 128])],
-)  # fmt: skip
+    [
+        ("euler", 1, [50, 100, 200, 400]),
+        ("heun", 2, [50, 100, 200, 400]),
+        ("rk4", 4, [16, 32, 64, 128]),
+    ],
+)
 def test_fixed_step_solvers_show_their_order(process, method, order, steps):
     # In float64 (float32 round-off would hide RK4's smallest errors), from T to
     # t = 0.2, with step counts inside the asymptotic regime (measured: the
@@ -65,8 +68,12 @@ def test_adaptive_solver_meets_its_tolerance(process, method):
     f = ode_drift(process, GAUSSIAN.score_fn(process))
     errors, nfes = [], []
     for tol in (1e-4, 1e-5):
-        solve = jax.jit(functools.partial(solve_adaptive, f, method=method, rtol=tol, atol=tol,
-                                          max_steps=10_000), static_argnums=(1, 2))  # fmt: skip
+        solve = jax.jit(
+            functools.partial(
+                solve_adaptive, f, method=method, rtol=tol, atol=tol, max_steps=10_000
+            ),
+            static_argnums=(1, 2),
+        )
         x, nfe = solve(jnp.asarray(x_start), process.T, process.t_min)
         errors.append(float(np.max(np.abs(np.asarray(x) - exact))))
         nfes.append(int(nfe))
@@ -178,20 +185,23 @@ def test_annealed_langevin_is_the_ncsn_update():
 
 def test_plain_functions_work_as_score_functions():
     score = GAUSSIAN.score_fn(VPSDE())
-    out = samplers.ddim(jax.random.PRNGKey(0), lambda x, t: score(x, t), VPSDE(), (16, 2),
-                        num_steps=10)  # fmt: skip
+    out = samplers.ddim(
+        jax.random.PRNGKey(0), lambda x, t: score(x, t), VPSDE(), (16, 2), num_steps=10
+    )
     assert out.samples.shape == (16, 2) and np.isfinite(out.samples).all()
 
 
 def test_explicit_grids():
     process = DDPM()
     grid = process.times[[999, 800, 500, 200, 50, 0]]
-    out = samplers.ddim(jax.random.PRNGKey(0), GAUSSIAN.score_fn(process), process, (8, 2),
-                        grid=grid)  # fmt: skip
+    out = samplers.ddim(
+        jax.random.PRNGKey(0), GAUSSIAN.score_fn(process), process, (8, 2), grid=grid
+    )
     assert int(out.nfe) == 6
     with pytest.raises(ValueError, match="decrease strictly"):
-        samplers.ddim(jax.random.PRNGKey(0), GAUSSIAN.score_fn(process), process, (8, 2),
-                      grid=[0.1, 0.5])  # fmt: skip
+        samplers.ddim(
+            jax.random.PRNGKey(0), GAUSSIAN.score_fn(process), process, (8, 2), grid=[0.1, 0.5]
+        )
 
 
 def test_undefined_combinations_and_bad_options_name_the_valid_ones():

@@ -84,9 +84,14 @@ BIASED = {"pc-rd-langevin": (0.004, 0.04, 1.5)}
 CASES = [(p, s, *SAMPLERS[s], BIASED.get(s, EXACT)) for p in PROCESSES for s in SAMPLERS]
 CASES += [
     ("NCSN-10", "annealed-langevin", samplers.annealed_langevin, {}, (0.03, 0.10, 4.0)),
-    ("VESDE", "annealed-langevin", samplers.annealed_langevin, {"num_steps": 100},
-     (0.003, 0.02, 1.5)),
-]  # fmt: skip
+    (
+        "VESDE",
+        "annealed-langevin",
+        samplers.annealed_langevin,
+        {"num_steps": 100},
+        (0.003, 0.02, 1.5),
+    ),
+]
 PROCESSES["NCSN-10"] = NCSN(sigma_max=5.0)
 
 
@@ -136,8 +141,10 @@ def test_sampler_matches_the_exact_mixture(process_name, sampler_name, sampler, 
         tol = 4 * se_cov + cov_bias * np.max(np.abs(cov))
         assert np.all(np.abs(np.cov(xk.T) - cov) <= tol), (k, np.cov(xk.T), cov)
 
-    distance = np.mean([
-        float(sliced_wasserstein(x[b * N : (b + 1) * N], exact[b], jax.random.PRNGKey(7)))
-        for b in range(BATCHES)
-    ])  # fmt: skip
+    distance = np.mean(
+        [
+            float(sliced_wasserstein(x[b * N : (b + 1) * N], exact[b], jax.random.PRNGKey(7)))
+            for b in range(BATCHES)
+        ]
+    )
     assert distance <= sw_factor * floor, (distance, floor)

@@ -278,10 +278,16 @@ def ancestral(
     is beta.
     """
     return predictor_corrector(
-        key, score_fn, process, shape,
-        predictor=Ancestral(variance), corrector=NoCorrector(),
-        num_steps=num_steps, grid=grid, denoise=True,
-    )  # fmt: skip
+        key,
+        score_fn,
+        process,
+        shape,
+        predictor=Ancestral(variance),
+        corrector=NoCorrector(),
+        num_steps=num_steps,
+        grid=grid,
+        denoise=True,
+    )
 
 
 def ddim(
@@ -303,10 +309,16 @@ def ddim(
     grid points.
     """
     return predictor_corrector(
-        key, score_fn, process, shape,
-        predictor=DDIM(eta), corrector=NoCorrector(),
-        num_steps=num_steps, grid=grid, denoise=True,
-    )  # fmt: skip
+        key,
+        score_fn,
+        process,
+        shape,
+        predictor=DDIM(eta),
+        corrector=NoCorrector(),
+        num_steps=num_steps,
+        grid=grid,
+        denoise=True,
+    )
 
 
 def annealed_langevin(
@@ -348,7 +360,12 @@ def annealed_langevin(
         snr=math.sqrt(step_size) / (2.0 * sigma_last), n_steps=n_steps_each
     )
     return predictor_corrector(
-        key, score_fn, process, shape,
-        predictor=NoPredictor(), corrector=corrector,
-        grid=tuple(ts), denoise=denoise,
-    )  # fmt: skip
+        key,
+        score_fn,
+        process,
+        shape,
+        predictor=NoPredictor(),
+        corrector=corrector,
+        grid=tuple(ts),
+        denoise=denoise,
+    )

@@ -1,0 +1,116 @@
+"""The default configuration: every key the launcher reads, and nothing else.
+
+Every other config derives from this one by calling `get_config()` and
+changing values; the launcher rejects keys that are not here. Values here
+train a VP SDE on the two-moons toy set with a small MLP.
+"""
+
+import ml_collections
+
+
+def get_config():
+    config = ml_collections.ConfigDict()
+    config.seed = 42  # the run's PRNG seed: parameters, data order and every update's key
+
+    # -- data ------------------------------------------------------------------
+    config.data = data = ml_collections.ConfigDict()
+    data.dataset = "toy"  # toy | gmm | digits | npz | image_folder
+    data.name = (
+        "two_moons"  # toy set: swiss_roll | two_moons | eight_gaussians | checkerboard | rings
+    )
+    data.path = ""  # the .npz file (keys x, y) or image folder, for npz | image_folder
+    data.num_train = 20_000  # toy | gmm: examples drawn for training
+    data.num_test = 4_000  # held-out examples (toy | gmm: drawn; files: split off)
+    data.image_size = 8  # images: height = width after loading
+    data.num_channels = 1  # images: 1 (grayscale) or 3 (RGB)
+    data.centered = True  # images scaled to [-1, 1] if true, else [0, 1]
+    data.uniform_dequantization = False  # add U(0, 1) / 2^bits noise to quantised data
+    data.validate_batches = 10  # check this many first batches (shape, range, finite); 0 = all
+
+    # -- process -----------------------------------------------------------------
+    config.process = process = ml_collections.ConfigDict()
+    process.name = "vpsde"  # vpsde | subvpsde | vesde | ddpm | ncsn
+    process.beta_min = 0.1  # vpsde, subvpsde
+    process.beta_max = 20.0  # vpsde, subvpsde
+    process.sigma_min = 0.01  # vesde, ncsn
+    process.sigma_max = 50.0  # vesde, ncsn
+    process.num_scales = 1000  # N: noise levels (ddpm, ncsn), default sampler steps (SDEs)
+    process.schedule = "linear"  # ddpm: linear | cosine
+    process.beta_start = 1e-4  # ddpm, linear schedule
+    process.beta_end = 0.02  # ddpm, linear schedule
+
+    # -- model -------------------------------------------------------------------
+    config.model = model = ml_collections.ConfigDict()
+    model.name = "mlp"  # mlp (vector data) | unet (images)
+    model.parametrization = "eps"  # what the network predicts: eps | x0 | score | v
+    model.ema_rate = 0.999  # EMA of the parameters, used for sampling and evaluation
+    model.embedding = "sinusoidal"  # noise-level embedding: sinusoidal | fourier
+    model.emb_dim = 128  # width of the noise-level embedding
+    model.hidden = (256, 256, 256)  # mlp: hidden layer widths
+    model.nf = 64  # unet: base channel count
+    model.ch_mult = (1, 2)  # unet: channel multiplier per resolution
+    model.num_res_blocks = 2  # unet: residual blocks per resolution
+    model.attn_resolutions = (4,)  # unet: resolutions with self-attention
+    model.dropout = 0.1  # unet: dropout rate in residual blocks
+    model.resamp_with_conv = True  # unet: convolutions in up/downsampling
+    model.skip_rescale = False  # unet: scale skip sums by 1/sqrt(2) (DDPM++ / NCSN++)
+    model.class_conditional = False  # condition on labels (the dataset must have them)
+
+    # -- training ------------------------------------------------------------------
+    config.training = training = ml_collections.ConfigDict()
+    training.loss = "dsm"  # ddpm | ncsn | dsm | ssm
+    training.weighting = "sigma2"  # dsm: sigma2 | likelihood
+    training.reduce = "mean"  # squared error over dimensions: mean | sum
+    training.t_min = 1e-5  # dsm, ssm: training times t ~ U(t_min, T)
+    training.batch_size = 512  # global batch, split over every device
+    training.n_iters = 6_000  # total updates
+    training.log_freq = 100  # metrics line every log_freq updates
+    training.checkpoint_freq = 1_000  # checkpoint every checkpoint_freq updates (and at the end)
+    training.snapshot_freq = 0  # sample snapshot every snapshot_freq updates; 0 = only at the end
+    training.keep = 3  # committed checkpoints kept (the newest, by step number)
+
+    # -- optimiser -------------------------------------------------------------------
+    config.optim = optim = ml_collections.ConfigDict()
+    optim.optimizer = "adam"  # adam | adamw
+    optim.lr = 1e-3
+    optim.beta1 = 0.9
+    optim.beta2 = 0.999
+    optim.eps = 1e-8
+    optim.weight_decay = 0.0  # adamw only
+    optim.warmup = 100  # linear learning-rate warmup steps (0 = none)
+    optim.grad_clip = 1.0  # global-norm clipping (<= 0 = none)
+    optim.skip_nonfinite = 0  # > 0: skip non-finite updates, stop after this many in a row
+
+    # -- sampling --------------------------------------------------------------------
+    config.sampling = sampling = ml_collections.ConfigDict()
+    sampling.method = "pc"  # ancestral | ddim | ald | pc | ode
+    sampling.predictor = (
+        "euler_maruyama"  # pc: none | euler_maruyama | reverse_diffusion | ancestral
+    )
+    sampling.corrector = "none"  # pc: none | langevin | ald
+    sampling.snr = 0.16  # pc: corrector signal-to-noise ratio
+    sampling.n_steps_each = 1  # pc: corrector steps per level; ald: steps per level (T)
+    sampling.num_steps = 0  # grid points; 0 = the process's N
+    sampling.denoise = True  # final Tweedie denoising step
+    sampling.eta = 0.0  # ddim: 0 deterministic ... 1 ancestral
+    sampling.variance = "small"  # ancestral: small (beta-tilde) | large (beta)
+    sampling.step_size = 2e-5  # ald: NCSN's epsilon
+    sampling.ode_method = "dopri5"  # ode: euler | heun | rk4 | dopri5 | tsit5
+    sampling.rtol = 1e-5  # ode, adaptive methods
+    sampling.atol = 1e-5  # ode, adaptive methods
+    sampling.num_samples = 2_000  # samples written by --mode=sample and the final snapshot
+    sampling.batch_size = 2_000  # samples drawn per sampler call
+
+    # -- evaluation --------------------------------------------------------------------
+    config.eval = evaluate = ml_collections.ConfigDict()
+    evaluate.num_samples = 2_000  # samples compared with held-out data by --mode=eval
+
+    # -- several hosts ------------------------------------------------------------------
+    config.distributed = distributed = ml_collections.ConfigDict()
+    distributed.enabled = False  # join other processes through jax.distributed.initialize
+    distributed.coordinator_address = ""  # host:port of process 0
+    distributed.num_processes = 1
+    distributed.process_id = 0
+    distributed.cpu_collectives = "gloo"  # CPU cross-process collectives implementation
+
+    return config

@@ -1,0 +1,8 @@
+"""ncsn on the digits preset (see configs/formulations.py)."""
+
+from configs import formulations
+from configs.default import get_config as default_config
+
+
+def get_config():
+    return formulations.ncsn(formulations.digits(default_config()))

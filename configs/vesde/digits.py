@@ -1,0 +1,8 @@
+"""vesde on the digits preset (see configs/formulations.py)."""
+
+from configs import formulations
+from configs.default import get_config as default_config
+
+
+def get_config():
+    return formulations.vesde(formulations.digits(default_config()))

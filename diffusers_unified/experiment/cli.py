@@ -1,0 +1,183 @@
+"""The launcher: `diffusers-unified --config=... --workdir=... --mode=train|sample|eval`.
+
+Also `python -m diffusers_unified`. Overrides use ml_collections' syntax,
+`--config.training.n_iters=100`. Exit codes (see `diffusers_unified.errors`):
+0 ok; 2 usage or config error; 3 non-finite loss or gradients; 4 bad data;
+5 missing, corrupt or incompatible checkpoint, or a failed save; 75
+pre-empted after a good checkpoint (run the same command to resume); 1
+anything else.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from diffusers_unified.errors import ConfigError, DiffusersUnifiedError
+from diffusers_unified.experiment import config as config_lib
+
+logger = logging.getLogger("diffusers_unified")
+
+MODES = ("train", "sample", "eval")
+FLAGS = flags.FLAGS
+_CONFIG = config_flags.DEFINE_config_file(
+    "config",
+    None,
+    "Config file (e.g. configs/vpsde/toy2d.py); optional for sample and eval, "
+    "which then use the work directory's config.json.",
+    lock_config=True,
+)
+flags.DEFINE_string("workdir", None, "Work directory: config, logs, checkpoints, outputs.")
+flags.DEFINE_enum("mode", "train", MODES, "What to do.")
+flags.DEFINE_enum(
+    "resume",
+    "auto",
+    ["auto", "required"],
+    "train: resume from the newest checkpoint if any (auto), or insist on one.",
+)
+flags.DEFINE_string("checkpoint", "latest", "sample/eval: 'latest' or a step number.")
+flags.DEFINE_bool(
+    "allow_config_change", False, "Resume or sample even if model, data or process keys changed."
+)
+flags.DEFINE_enum(
+    "on_corrupt",
+    "raise",
+    ["raise", "fallback"],
+    "A corrupt newest checkpoint: fail (exit 5), or set it aside and use the previous.",
+)
+flags.DEFINE_enum(
+    "validate_data",
+    "first",
+    ["first", "all"],
+    "Check the first data.validate_batches batches, or every batch.",
+)
+flags.DEFINE_bool(
+    "debug_nans", False, "On a non-finite loss, rerun the failing update under jax_debug_nans."
+)
+flags.DEFINE_bool("strict_disk", False, "Fail (exit 5) if the checkpoints may not fit on disk.")
+
+
+def _config_path(argv: list[str]) -> str | None:
+    for i, arg in enumerate(argv):
+        if arg.startswith("--config="):
+            return arg.split("=", 1)[1]
+        if arg == "--config" and i + 1 < len(argv):
+            return argv[i + 1]
+    return None
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """Checks the config file and overrides against the schema, then parses the flags.
+
+    Runs before JAX is initialised and before anything is written: unknown
+    keys, wrong types and bad flag values exit with code 2 and a message.
+    """
+    try:
+        path = _config_path(argv)
+        if path is not None:
+            loaded = config_lib.load_module(path.split(":", 1)[0]).get_config()
+            config_lib.check_against_schema(loaded, source=path)
+            config_lib.check_overrides(argv, loaded)
+        elif any(a.startswith("--config.") for a in argv):
+            raise ConfigError("--config.* overrides need --config=<file>")
+        return FLAGS(argv)
+    except ConfigError as e:
+        _fail(str(e), 2)
+    except flags.Error as e:
+        _fail(f"bad command line: {e}", 2)
+
+
+def _fail(message: str, code: int):
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(code)
+
+
+def _setup_logging() -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+    logger.handlers = [h for h in logger.handlers if h.get_name() == "du-workdir"] + [handler]
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every save at INFO
+
+
+def resolve_config(workdir: str):
+    """The flag's config, or the work directory's config.json (sample and eval only)."""
+    from diffusers_unified.experiment.workdir import Workdir
+
+    if FLAGS.config is not None:
+        return FLAGS.config
+    if FLAGS.mode == "train":
+        raise ConfigError("--mode=train needs --config=<file>")
+    saved = Workdir(workdir).saved_config()
+    if saved is None:
+        raise ConfigError(f"no --config given and no config.json in {workdir}")
+    return saved
+
+
+def initialise_distributed(config) -> None:
+    """Joins the other processes (jax.distributed.initialize) when the config asks."""
+    d = config.distributed
+    if not d.enabled:
+        return
+    import jax
+
+    jax.config.update("jax_cpu_collectives_implementation", d.cpu_collectives)
+    jax.distributed.initialize(
+        coordinator_address=d.coordinator_address or None,
+        num_processes=d.num_processes,
+        process_id=d.process_id,
+    )
+
+
+def main(argv) -> None:
+    if len(argv) > 1:
+        _fail(f"unexpected arguments: {' '.join(argv[1:])}", 2)
+    if not FLAGS.workdir:
+        _fail("--workdir is required", 2)
+    _setup_logging()
+    try:
+        config = resolve_config(FLAGS.workdir)
+        config_lib.check_against_schema(config)
+        initialise_distributed(config)
+        import jax
+
+        config_lib.check_values(config, jax.device_count())
+        _dispatch(config)
+    except DiffusersUnifiedError as e:
+        logger.error("%s", e)
+        sys.exit(e.exit_code)
+    except Exception:  # noqa: BLE001  anything unexpected: exit 1 with the traceback
+        logger.exception("unexpected error")
+        sys.exit(1)
+
+
+def _dispatch(config) -> None:
+    from diffusers_unified.experiment import sample, train
+    from diffusers_unified.experiment.workdir import Workdir
+
+    if FLAGS.mode == "train":
+        train.train(
+            config,
+            FLAGS.workdir,
+            resume=FLAGS.resume,
+            allow_config_change=FLAGS.allow_config_change,
+            on_corrupt=FLAGS.on_corrupt,
+            validate_all=FLAGS.validate_data == "all",
+            debug_nans=FLAGS.debug_nans,
+            strict_disk=FLAGS.strict_disk,
+        )
+        return
+    saved = Workdir(FLAGS.workdir).saved_config()
+    if saved is not None and FLAGS.config is not None:
+        config_lib.check_resume_compatible(saved, config, FLAGS.allow_config_change)
+    fn = sample.sample if FLAGS.mode == "sample" else sample.evaluate
+    fn(config, FLAGS.workdir, checkpoint=FLAGS.checkpoint, on_corrupt=FLAGS.on_corrupt)
+
+
+def run() -> None:
+    """Console entry point."""
+    app.run(main, flags_parser=parse_flags)

@@ -1,0 +1,276 @@
+"""Loading and checking configs: the schema is `configs/default.py`, and nothing else is read.
+
+Every check here runs before JAX computes anything or the work directory is
+touched, and fails with a `ConfigError` (exit code 2) that names the key, what
+was expected and what was given.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib.util
+import json
+import os
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import ml_collections
+
+from diffusers_unified.errors import CheckpointError, ConfigError
+
+CONFIGS_DIR = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "configs"))
+# Config files import their defaults as `configs.<module>` (the score SDE code's
+# convention), so the repository root must be importable.
+if os.path.dirname(CONFIGS_DIR) not in sys.path:
+    sys.path.insert(0, os.path.dirname(CONFIGS_DIR))
+
+
+def load_module(path: str):
+    """Imports a config file (its directory's parent on the path, as config_flags does)."""
+    path = os.path.abspath(path)
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file {path} does not exist")
+    spec = importlib.util.spec_from_file_location(f"_du_config_{abs(hash(path))}", path)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as e:  # noqa: BLE001  any error in user code is a config error
+        raise ConfigError(f"config file {path} failed to load: {type(e).__name__}: {e}") from e
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"config file {path} defines no get_config()")
+    return module
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """The schema: configs/default.py's get_config()."""
+    return load_module(os.path.join(CONFIGS_DIR, "default.py")).get_config()
+
+
+def flatten(config, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """(dotted key, value) for every leaf of a ConfigDict."""
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, ml_collections.ConfigDict):
+            yield from flatten(value, name + ".")
+        else:
+            yield name, value
+
+
+def did_you_mean(key: str, valid) -> str:
+    close = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.6)
+    return f" Did you mean '{close[0]}'?" if close else ""
+
+
+def unknown_key_error(key: str, schema_keys, where: str = "") -> ConfigError:
+    return ConfigError(f"Unknown config key '{key}'{where}.{did_you_mean(key, schema_keys)}")
+
+
+def check_against_schema(config, source: str = "") -> None:
+    """No keys absent from the defaults, and every value of the default's type."""
+    schema = dict(flatten(default_config()))
+    where = f" in {source}" if source else ""
+    for key, value in flatten(config):
+        if key not in schema:
+            raise unknown_key_error(key, schema, where)
+        expected = schema[key]
+        if not _same_type(value, expected):
+            raise ConfigError(
+                f"config key '{key}'{where} must be of type {type(expected).__name__} "
+                f"(like its default {expected!r}), got {type(value).__name__} {value!r}"
+            )
+    missing = sorted(set(schema) - {k for k, _ in flatten(config)})
+    if missing:
+        raise ConfigError(
+            f"config{where} lacks keys {', '.join(missing)}: derive it from "
+            "configs/default.py's get_config()"
+        )
+
+
+def _same_type(value, expected) -> bool:
+    if isinstance(expected, bool) or isinstance(value, bool):
+        return isinstance(value, bool) and isinstance(expected, bool)
+    if isinstance(expected, float):
+        return isinstance(value, int | float)
+    if isinstance(expected, tuple | list):
+        return isinstance(value, tuple | list)
+    return isinstance(value, type(expected))
+
+
+def check_overrides(argv: list[str], config) -> None:
+    """Each `--config.a.b=value` names an existing key (before config_flags parses it)."""
+    schema = dict(flatten(config))
+    for arg in argv:
+        if not arg.startswith("--config."):
+            continue
+        key = arg[len("--config.") :].split("=", 1)[0]
+        if key not in schema:
+            raise unknown_key_error(key, schema)
+
+
+# -- values ----------------------------------------------------------------------------
+
+CHOICES = {
+    "data.dataset": ("toy", "gmm", "digits", "npz", "image_folder"),
+    "process.name": ("vpsde", "subvpsde", "vesde", "ddpm", "ncsn"),
+    "process.schedule": ("linear", "cosine"),
+    "model.name": ("mlp", "unet"),
+    "model.parametrization": ("eps", "x0", "score", "v"),
+    "model.embedding": ("sinusoidal", "fourier"),
+    "training.loss": ("ddpm", "ncsn", "dsm", "ssm"),
+    "training.weighting": ("sigma2", "likelihood"),
+    "training.reduce": ("mean", "sum"),
+    "optim.optimizer": ("adam", "adamw"),
+    "sampling.method": ("ancestral", "ddim", "ald", "pc", "ode"),
+    "sampling.predictor": ("none", "euler_maruyama", "reverse_diffusion", "ancestral", "ddim"),
+    "sampling.corrector": ("none", "langevin", "ald"),
+    "sampling.variance": ("small", "large"),
+    "sampling.ode_method": ("euler", "heun", "rk4", "dopri5", "tsit5"),
+}
+POSITIVE_INTS = (
+    "data.num_train",
+    "data.num_test",
+    "data.image_size",
+    "process.num_scales",
+    "training.batch_size",
+    "training.n_iters",
+    "training.log_freq",
+    "training.checkpoint_freq",
+    "training.keep",
+    "sampling.n_steps_each",
+    "sampling.num_samples",
+    "sampling.batch_size",
+    "eval.num_samples",
+    "distributed.num_processes",
+)
+NON_NEGATIVE_INTS = (
+    "data.validate_batches",
+    "training.snapshot_freq",
+    "optim.warmup",
+    "optim.skip_nonfinite",
+    "sampling.num_steps",
+    "distributed.process_id",
+)
+POSITIVE_FLOATS = (
+    "process.beta_max",
+    "process.sigma_min",
+    "process.sigma_max",
+    "process.beta_start",
+    "process.beta_end",
+    "training.t_min",
+    "optim.lr",
+    "optim.eps",
+    "sampling.snr",
+    "sampling.step_size",
+    "sampling.rtol",
+    "sampling.atol",
+)
+UNIT_INTERVAL = ("model.ema_rate", "model.dropout", "optim.beta1", "optim.beta2", "sampling.eta")
+
+
+def check_values(config, device_count: int | None = None) -> None:
+    """Names, signs, ranges and the rules that tie keys together."""
+    values = dict(flatten(config))
+    for key, valid in CHOICES.items():
+        if values[key] not in valid:
+            raise ConfigError(f"{key}={values[key]!r} is not one of: {', '.join(valid)}")
+    for key in POSITIVE_INTS:
+        if values[key] <= 0:
+            raise ConfigError(f"{key}={values[key]} must be a positive integer")
+    for key in NON_NEGATIVE_INTS:
+        if values[key] < 0:
+            raise ConfigError(f"{key}={values[key]} must be >= 0")
+    for key in POSITIVE_FLOATS:
+        if not values[key] > 0:
+            raise ConfigError(f"{key}={values[key]} must be > 0")
+    for key in UNIT_INTERVAL:
+        if not 0.0 <= values[key] <= 1.0 or (key == "model.ema_rate" and values[key] == 1.0):
+            raise ConfigError(f"{key}={values[key]} must be in [0, 1)")
+    if values["process.beta_min"] < 0 or values["process.beta_min"] >= values["process.beta_max"]:
+        raise ConfigError(
+            f"process.beta_min={values['process.beta_min']} must be in [0, process.beta_max="
+            f"{values['process.beta_max']})"
+        )
+    if values["process.sigma_min"] >= values["process.sigma_max"]:
+        raise ConfigError(
+            f"process.sigma_min={values['process.sigma_min']} must be below process.sigma_max="
+            f"{values['process.sigma_max']}"
+        )
+    if values["data.dataset"] in ("npz", "image_folder") and not values["data.path"]:
+        raise ConfigError(f"data.dataset={values['data.dataset']!r} needs data.path")
+    if values["data.num_channels"] not in (1, 3):
+        raise ConfigError(f"data.num_channels={values['data.num_channels']} must be 1 or 3")
+    if values["distributed.process_id"] >= values["distributed.num_processes"]:
+        raise ConfigError(
+            f"distributed.process_id={values['distributed.process_id']} must be below "
+            f"distributed.num_processes={values['distributed.num_processes']}"
+        )
+    for key in ("training.batch_size", "sampling.batch_size"):
+        if device_count and values[key] % device_count:
+            raise ConfigError(
+                f"{key}={values[key]} must be divisible by device count {device_count} "
+                f"(per-device batch would be {values[key] / device_count:g})"
+            )
+
+
+# -- the run's resolved config ------------------------------------------------------------
+
+# Keys that may change between a run and its resumption: schedules, sampling and
+# evaluation settings. Anything else (model, data, process, loss, optimiser,
+# seed) changes what the checkpoint means.
+RESUMABLE_CHANGES = (
+    "training.n_iters",
+    "training.log_freq",
+    "training.checkpoint_freq",
+    "training.snapshot_freq",
+    "training.keep",
+    "data.validate_batches",
+    "sampling.",
+    "eval.",
+    "distributed.",
+)
+
+
+def to_json(config) -> str:
+    return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=list)
+
+
+def from_json(text: str) -> ml_collections.ConfigDict:
+    data = json.loads(text)
+
+    def tuples(node):
+        if isinstance(node, dict):
+            return {k: tuples(v) for k, v in node.items()}
+        return tuple(node) if isinstance(node, list) else node
+
+    return ml_collections.ConfigDict(tuples(data))
+
+
+def incompatible_changes(saved, current) -> list[str]:
+    """Lines `key: saved -> current` for the changes a resumed run may not make."""
+    old, new = dict(flatten(saved)), dict(flatten(current))
+    lines = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, list | tuple) and isinstance(b, list | tuple):
+            a, b = tuple(a), tuple(b)
+        if a != b and not key.startswith(RESUMABLE_CHANGES):
+            lines.append(f"  {key}: {a!r} -> {b!r}")
+    return lines
+
+
+def check_resume_compatible(saved, current, allow_change: bool) -> list[str]:
+    """Raises CheckpointError listing incompatible changes; returns the allowed ones."""
+    incompatible = incompatible_changes(saved, current)
+    if incompatible and not allow_change:
+        raise CheckpointError(
+            "the config differs from the one this work directory was trained with, in keys "
+            "that change what its checkpoints mean:\n" + "\n".join(incompatible) + "\n"
+            "Use a new --workdir, or pass --allow_config_change to resume anyway."
+        )
+    old, new = dict(flatten(saved)), dict(flatten(current))
+    return [
+        f"  {k}: {old.get(k)!r} -> {new.get(k)!r}"
+        for k in sorted(new)
+        if old.get(k) != new.get(k) and k.startswith(RESUMABLE_CHANGES)
+    ]

@@ -1,0 +1,428 @@
+"""`--mode=train`: the training loop, with resumable checkpoints and loud failures.
+
+Every update s uses the batch `data.batch(seed, s)` and the key
+fold_in(key, s), both pure functions of (seed, s), and the checkpoint holds
+the step, parameters, EMA parameters, optimiser state and key: a run killed
+at any point and restarted with the same command ends bit for bit where an
+uninterrupted run ends (on the same platform and device count).
+
+Fault-injection hooks for the reliability tests, read from the environment
+(no effect when unset): DU_FAULT_KILL_AT_STEP=k (SIGKILL right after update
+k, before its checkpoint), DU_FAULT_NAN_AT_STEP=k[,k2...] (update k's loss is
+multiplied by NaN), DU_FAULT_STEP_SLEEP=seconds (sleep after each update, so
+a test can signal a run mid-way); the checkpoint hooks are in
+training.checkpoints.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import signal
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from diffusers_unified.data import datasets
+from diffusers_unified.errors import CheckpointError, NonFiniteError, Preempted
+from diffusers_unified.experiment import build
+from diffusers_unified.experiment import config as config_lib
+from diffusers_unified.experiment.workdir import Workdir
+from diffusers_unified.parametrization import make_score_fn
+from diffusers_unified.training.checkpoints import CheckpointManager, estimate_checkpoint_bytes
+from diffusers_unified.training.optimizer import make_optimizer
+from diffusers_unified.training.state import TrainState
+from diffusers_unified.training.step import make_train_step
+
+logger = logging.getLogger("diffusers_unified")
+
+
+@dataclasses.dataclass
+class Run:
+    """Everything built from a config: data, process, network, loss, sampler, devices."""
+
+    config: object
+    dataset: datasets.Dataset
+    process: object
+    net: object
+    loss_fn: object
+    sampler: object
+    data_shape: tuple[int, ...]
+    mesh: Mesh
+
+    @property
+    def replicated(self) -> NamedSharding:
+        return NamedSharding(self.mesh, P())
+
+    @property
+    def batch_sharding(self) -> NamedSharding:
+        return NamedSharding(self.mesh, P("data"))
+
+    def score_fn(self, params, y=None):
+        return make_score_fn(self.process, self.net, params, self.config.model.parametrization, y)
+
+    def init_state(self) -> TrainState:
+        key = jax.random.PRNGKey(self.config.seed)
+        key_init, key_train = jax.random.split(key)
+        y = None
+        if self.config.model.class_conditional:
+            y = jnp.zeros((1,), jnp.int32)
+        params = self.net.init(key_init, (1, *self.data_shape), y)
+        return TrainState.create(params, optimizer(self.config), jax.random.key_data(key_train))
+
+    def sample(self, key, params, n: int, y=None):
+        """n samples from the config's sampler with `params` (jitted once per n)."""
+        return self.sampler(key, self.score_fn(params, y), self.process, (n, *self.data_shape))
+
+
+def optimizer(config):
+    o = config.optim
+    return make_optimizer(
+        o.optimizer, o.lr, o.beta1, o.beta2, o.eps, o.weight_decay, o.warmup, o.grad_clip
+    )
+
+
+def build_run(config) -> Run:
+    """Builds and cross-checks every object of a run; fails before any training step."""
+    ds = build.dataset(config)
+    expected, source = build.expected_data_shape(config, ds)
+    if ds.data_shape != expected:
+        datasets.validate_batch(
+            {"x": np.zeros((1, *ds.data_shape), np.float32), "y": None},
+            expected,
+            None,
+            name=ds.name,
+            shape_source=source,
+        )  # fmt: skip  (raises the shape DataError)
+    process = build.process(config)
+    net = build.network(config, ds)
+    loss_fn = build.loss(config, process, net)
+    sampler = build.sampler(config)
+    mesh = Mesh(np.asarray(jax.devices()), ("data",))
+    run = Run(config, ds, process, net, loss_fn, sampler, ds.data_shape, mesh)
+    check_sampler(run)
+    return run
+
+
+def check_sampler(run: Run) -> None:
+    """Traces the sampler once with a stand-in score, so a bad option fails now, not later."""
+    from diffusers_unified.errors import ConfigError
+
+    zero_score = lambda x, t: jnp.zeros_like(x)
+    try:
+        jax.eval_shape(
+            lambda key: run.sampler(key, zero_score, run.process, (2, *run.data_shape)),
+            jax.random.PRNGKey(0),
+        )
+    except ValueError as e:
+        raise ConfigError(f"sampling section: {e}") from e
+
+
+def _fault_steps(name: str) -> set[int]:
+    value = os.environ.get(name, "")
+    return {int(v) for v in value.split(",") if v.strip()}
+
+
+class _SigtermFlag:
+    """Turns SIGTERM into a flag the loop checks after each update (pre-emption notice)."""
+
+    def __init__(self):
+        self.raised = False
+        self._previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        if not self.raised:
+            logger.warning("SIGTERM received; saving a checkpoint after the current update")
+        self.raised = True  # a second SIGTERM during the save changes nothing
+
+    def restore(self):
+        signal.signal(signal.SIGTERM, self._previous)
+
+
+def train(
+    config,
+    workdir: str,
+    *,
+    resume: str = "auto",
+    allow_config_change: bool = False,
+    on_corrupt: str = "raise",
+    validate_all: bool = False,
+    debug_nans: bool = False,
+    strict_disk: bool = False,
+) -> TrainState:
+    """Trains from scratch, or resumes from the newest committed checkpoint in `workdir`.
+
+    resume: "auto" (resume if there is a checkpoint, else start) or "required"
+    (no checkpoint is an error, exit 5).
+    """
+    wd = Workdir(workdir)
+    run = build_run(config)
+    ckpt = CheckpointManager(wd.checkpoints, keep=config.training.keep)
+    latest = ckpt.latest_step()
+    if latest is None and resume == "required":
+        raise CheckpointError(
+            f"no committed checkpoint found in {wd.checkpoints}; refusing to start from "
+            "scratch because --resume=required"
+        )
+    saved = wd.saved_config()
+    changes = []
+    if latest is not None and saved is not None:
+        changes = config_lib.check_resume_compatible(saved, config, allow_config_change)
+    wd.create()
+    wd.start_logging("train", latest)
+    state = run.init_state()
+    if latest is None:
+        logger.warning("No checkpoint found; starting from step 0")
+        wd.save_config(config)
+        wd.truncate_metrics(0)
+    else:
+        if changes:
+            logger.info("config changes allowed on resume:\n%s", "\n".join(changes))
+        if allow_config_change:
+            wd.save_config(config)
+        state, _ = ckpt.restore(latest, target=state, on_corrupt=on_corrupt)
+        latest = int(state.step)
+        dropped = wd.truncate_metrics(latest)
+        logger.info("Resuming from step %d (dropped %d metric lines past it)", latest, dropped)
+    _check_disk(wd, state, config.training.keep, strict_disk)
+    return _loop(run, wd, ckpt, state, validate_all=validate_all, debug_nans=debug_nans)
+
+
+def _check_disk(wd: Workdir, state, keep: int, strict: bool) -> None:
+    """Pre-flight: do keep + 1 checkpoints fit on the disk? (warn, or fail when strict)."""
+    import shutil
+
+    need = estimate_checkpoint_bytes(state) * (keep + 1)
+    free = shutil.disk_usage(wd.path).free
+    if free < need:
+        message = (
+            f"checkpoints need about {need} bytes ({keep} + 1 of "
+            f"{need // (keep + 1)} bytes) in {wd.checkpoints}, but only {free} are free"
+        )
+        if strict:
+            raise CheckpointError(message)
+        logger.warning(message)
+
+
+def _loop(
+    run: Run, wd: Workdir, ckpt: CheckpointManager, state: TrainState, *, validate_all, debug_nans
+) -> TrainState:
+    config, t = run.config, run.config.training
+    arrays = run.dataset.device_arrays("train", run.replicated)
+    batcher = datasets.Batcher(
+        arrays, config.seed, t.batch_size, dequantize=config.data.uniform_dequantization
+    )
+    expected, source = build.expected_data_shape(config, run.dataset)
+    nan_steps = _fault_steps("DU_FAULT_NAN_AT_STEP")
+    kill_steps = _fault_steps("DU_FAULT_KILL_AT_STEP")
+    sleep = float(os.environ.get("DU_FAULT_STEP_SLEEP", "0") or 0)
+    optim = optimizer(config)
+    step_fn = make_train_step(
+        run.loss_fn, optim, config.model.ema_rate, skip_nonfinite=config.optim.skip_nonfinite > 0
+    )
+    traces = [0]
+
+    def counted_step(state, batch, loss_scale):
+        traces[0] += 1  # runs only while tracing: counts compilations
+        return step_fn(state, batch, loss_scale)
+
+    train_step = jax.jit(
+        counted_step,
+        in_shardings=(run.replicated, run.batch_sharding, run.replicated),
+        out_shardings=(run.replicated, run.replicated),
+        donate_argnums=0,
+    )
+    state = jax.device_put(state, run.replicated)
+    last_saved = ckpt.latest_step()
+    sigterm = _SigtermFlag()
+    progress = _progress(int(state.step), t.n_iters)
+    window, window_start, updates = [], time.perf_counter(), 0
+    validate = config.data.validate_batches
+    try:
+        while int(state.step) < t.n_iters:
+            step = int(state.step)
+            batch = _global_batch(run, batcher, step)
+            if validate_all or validate == 0 or updates < validate:
+                datasets.validate_batch(
+                    batch,
+                    expected,
+                    run.dataset.centered if run.dataset.kind == "image" else None,
+                    batch_index=step,
+                    name=run.dataset.name,
+                    shape_source=source,
+                    num_classes=run.dataset.num_classes if config.model.class_conditional else None,
+                    num_classes_flag="model.class_conditional",
+                )
+            loss_scale = jnp.float32(np.nan if step + 1 in nan_steps else 1.0)
+            previous = state if debug_nans else None
+            state, metrics = train_step(state, batch, loss_scale)
+            metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            _check_finite(run, state, metrics, step + 1, last_saved, previous, batch, debug_nans)
+            window.append(metrics["loss"])
+            updates += 1
+            progress.update(1)
+            if sleep:
+                time.sleep(sleep)
+            if step + 1 in kill_steps:
+                os.kill(os.getpid(), signal.SIGKILL)
+            done = int(state.step)
+            if done % t.log_freq == 0 or done == t.n_iters:
+                elapsed = time.perf_counter() - window_start
+                record = {
+                    "step": done,
+                    "loss": float(np.mean(window)),
+                    "grad_norm": metrics["grad_norm"],
+                    "steps_per_sec": len(window) / elapsed,
+                    "examples_per_sec": len(window) * t.batch_size / elapsed,
+                }
+                wd.append_metrics(record)
+                progress.set_postfix(
+                    loss=f"{record['loss']:.4f}", steps_per_s=f"{record['steps_per_sec']:.1f}"
+                )
+                logger.info(
+                    "step %d: loss %.5f, grad norm %.3f, %.1f steps/s",
+                    done,
+                    record["loss"],
+                    record["grad_norm"],
+                    record["steps_per_sec"],
+                )
+                window, window_start = [], time.perf_counter()
+            if done % t.checkpoint_freq == 0 or done == t.n_iters:
+                _save(ckpt, state, done)
+                last_saved = done
+            if t.snapshot_freq and done % t.snapshot_freq == 0:
+                snapshot(run, wd, state, done)
+            if sigterm.raised:
+                if last_saved != done:
+                    _save(ckpt, state, done)
+                ckpt.wait_until_finished()
+                logger.warning("Pre-empted at step %d; checkpoint saved", done)
+                raise Preempted(f"Pre-empted at step {done}; checkpoint saved")
+    finally:
+        sigterm.restore()
+        progress.close()
+        ckpt.close()
+    logger.info(
+        "training finished at step %d; the train step compiled %d time(s)",
+        int(state.step),
+        traces[0],
+    )
+    return state
+
+
+def _save(ckpt: CheckpointManager, state: TrainState, step: int) -> None:
+    host = jax.tree.map(_to_host, state)
+    ckpt.save(step, host, metadata={"step": step})
+
+
+def _to_host(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        return np.asarray(x.addressable_data(0))  # replicated across processes
+    return np.asarray(x)
+
+
+def _global_batch(run: Run, batcher: datasets.Batcher, step: int):
+    """Batch `step` of the global batch, placed across every device (and process)."""
+    b = run.config.training.batch_size
+    batch = batcher(step)
+    if not run.config.model.class_conditional:
+        batch = {"x": batch["x"]}  # unconditional models never see labels
+    if jax.process_count() == 1:
+        return jax.device_put(batch, run.batch_sharding)
+    per_process = b // jax.process_count()
+    lo = jax.process_index() * per_process
+    return jax.tree.map(
+        lambda a: jax.make_array_from_process_local_data(
+            run.batch_sharding, np.asarray(a)[lo : lo + per_process], (b, *a.shape[1:])
+        ),
+        batch,
+    )
+
+
+def _check_finite(run, state, metrics, step, last_saved, previous, batch, debug_nans):
+    """Stops at the first non-finite loss or gradient norm (or counts a skipped update)."""
+    bad = [k for k in ("loss", "grad_norm") if not np.isfinite(metrics[k])]
+    if not bad:
+        return
+    limit = run.config.optim.skip_nonfinite
+    if limit > 0:
+        skips = int(state.nonfinite_skips)
+        logger.warning(
+            "skipped non-finite update at step %d (%s=%s); %d in a row (limit %d)",
+            step,
+            bad[0],
+            metrics[bad[0]],
+            skips,
+            limit,
+        )
+        if skips < limit:
+            return
+        reason = f"{skips} consecutive non-finite updates (optim.skip_nonfinite={limit})"
+    else:
+        reason = f"non-finite {bad[0]}={metrics[bad[0]]}"
+    message = (
+        f"{reason} at step {step}; no checkpoint was written at or after it. The last good "
+        f"checkpoint is step {last_saved}."
+    )
+    if debug_nans and previous is not None:
+        message += "\n" + _debug_nans(run, previous, batch)
+    else:
+        message += " Rerun with --debug_nans to locate the operation that produced it."
+    raise NonFiniteError(message)
+
+
+def _debug_nans(run: Run, state: TrainState, batch) -> str:
+    """Reruns the failing update op by op under jax_debug_nans to name the primitive."""
+    step_fn = make_train_step(run.loss_fn, optimizer(run.config), run.config.model.ema_rate)
+    scale = jnp.float32(
+        np.nan if int(state.step) + 1 in _fault_steps("DU_FAULT_NAN_AT_STEP") else 1.0
+    )
+    try:
+        with jax.debug_nans(True), jax.disable_jit():
+            step_fn(state, batch, scale)
+    except FloatingPointError as e:
+        return f"--debug_nans: {str(e).splitlines()[0]}"
+    return "--debug_nans: the update did not reproduce the non-finite value op by op."
+
+
+def snapshot(run: Run, wd: Workdir, state: TrainState, step: int, n: int = 512) -> str:
+    """Samples with the EMA parameters and saves a figure (and the samples) under snapshots/."""
+    from diffusers_unified.experiment.figures import save_npz, save_samples_figure
+
+    os.makedirs(wd.snapshots, exist_ok=True)
+    n = min(n, run.config.sampling.batch_size)
+    n -= n % len(run.mesh.devices.flat)
+    key = jax.random.fold_in(jax.random.PRNGKey(run.config.seed), 1_000_000 + step)
+    out = run.sample(key, state.ema_params, n)
+    samples = np.asarray(jax.device_get(out.samples))
+    path = os.path.join(wd.snapshots, f"step_{step}.png")
+    reference = run.dataset.model_data("test")[0][:n]
+    save_samples_figure(
+        path,
+        samples,
+        run.dataset.scaling,
+        reference,
+        title=f"step {step}, {build.describe_sampler(run.config)}",
+    )
+    save_npz(os.path.join(wd.snapshots, f"step_{step}.npz"), samples=samples)
+    logger.info("snapshot at step %d: %s (NFE %d)", step, path, int(out.nfe))
+    return path
+
+
+def _progress(start: int, total: int):
+    from tqdm import tqdm
+
+    return tqdm(
+        total=total,
+        initial=start,
+        desc="train",
+        unit="step",
+        mininterval=1.0,
+        disable=None,
+        dynamic_ncols=True,
+    )

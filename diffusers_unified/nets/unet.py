@@ -1,0 +1,260 @@
+"""The DDPM U-Net for NHWC images (Ho et al. 2020), with the DDPM++/NCSN++ options of Song et al.
+
+A transcription of the architecture of the DDPM code and of `models/ddpm.py`
+of the score SDE reference code: a wide ResNet U-Net with GroupNorm, residual
+blocks conditioned on the noise level, self-attention at chosen resolutions,
+and skip connections from every block of the downsampling path to the
+upsampling path. Two options come from DDPM++/NCSN++ (`models/ncsnpp.py`):
+Gaussian Fourier features of the noise level and rescaling of residual sums
+by 1/sqrt(2). Labels, if any, are embedded and added to the noise embedding.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from diffusers_unified.nets.embeddings import NoiseEmbedding, check_noise_cond, ddpm_init, get_act
+from diffusers_unified.typing import Array
+
+
+def _groups(channels: int, num_groups: int) -> int:
+    """GroupNorm groups: the largest divisor of `channels` at most min(num_groups, channels // 4).
+
+    That is DDPM's 32 for its widths (128 channels and up). Keeping at least
+    4 channels per group in narrow networks follows the score SDE code's
+    NCSN++ (min(channels // 4, 32)) and matters: with one channel per group,
+    GroupNorm is instance normalisation, which removes exactly the
+    per-channel shift by which a residual block adds the noise embedding,
+    and the network would ignore noise_cond.
+    """
+    most = max(1, min(num_groups, channels // 4))
+    return max(g for g in range(1, most + 1) if channels % g == 0)
+
+
+def group_norm(channels: int, num_groups: int) -> nn.GroupNorm:
+    return nn.GroupNorm(num_groups=_groups(channels, num_groups), epsilon=1e-6)
+
+
+def conv3x3(features: int, init_scale: float = 1.0, stride: int = 1) -> nn.Conv:
+    # SAME padding with stride 2 on an even size pads (0, 1), like DDPM's downsampling conv.
+    return nn.Conv(
+        features,
+        (3, 3),
+        strides=(stride, stride),
+        padding="SAME",
+        kernel_init=ddpm_init(init_scale),
+    )
+
+
+def nin(features: int, init_scale: float = 1.0) -> nn.Dense:
+    """DDPM's "network in network": a 1x1 convolution, i.e. a Dense layer over channels."""
+    return nn.Dense(features, kernel_init=ddpm_init(init_scale))
+
+
+def dropout(h: Array, rate: float, key: Array) -> Array:
+    """Inverted dropout: each entry is kept with probability 1 - rate and scaled by 1 / (1 - rate).
+
+    `nn.Dropout`'s semantics, except that the mask is drawn flat and then
+    reshaped: XLA compiles a rank-1 random kernel several times faster than a
+    rank-4 one on CPU, and a U-Net holds one per residual block.
+    """
+    keep = 1.0 - rate
+    mask = jax.random.bernoulli(key, keep, (h.size,)).reshape(h.shape)
+    return jnp.where(mask, h / keep, jnp.zeros_like(h))
+
+
+def _per_example(v: Array) -> Array:
+    """A conditioning vector (batch, c) -> (batch, 1, 1, c); a shared (c,) broadcasts as it is."""
+    return v[:, None, None, :] if v.ndim == 2 else v
+
+
+class ResnetBlock(nn.Module):
+    """DDPM's residual block: two 3x3 convolutions, with the noise embedding added between.
+
+        h = conv(act(norm(x))) + Dense(act(temb)),
+        h = conv_0(dropout(act(norm(h)))),
+        out = shortcut(x) + h      (divided by sqrt(2) with skip_rescale),
+
+    where conv_0 is zero-initialised (the block starts as the identity) and
+    the shortcut is a 1x1 convolution when the channel count changes.
+    """
+
+    out_ch: int
+    act: Callable[[Array], Array]
+    num_groups: int
+    dropout: float
+    skip_rescale: bool
+
+    @nn.compact
+    def __call__(self, x: Array, temb: Array, train: bool) -> Array:
+        h = self.act(group_norm(x.shape[-1], self.num_groups)(x))
+        h = conv3x3(self.out_ch)(h)
+        h = h + _per_example(nn.Dense(self.out_ch, kernel_init=ddpm_init())(self.act(temb)))
+        h = self.act(group_norm(self.out_ch, self.num_groups)(h))
+        if train and self.dropout > 0.0:
+            h = dropout(h, self.dropout, self.make_rng("dropout"))
+        h = conv3x3(self.out_ch, init_scale=0.0)(h)
+        if x.shape[-1] != self.out_ch:
+            x = nin(self.out_ch)(x)
+        return (x + h) / math.sqrt(2.0) if self.skip_rescale else x + h
+
+
+class AttnBlock(nn.Module):
+    """Single-head self-attention over the H W positions (Ho et al. 2020; Wang et al. 2018).
+
+    q, k, v = 1x1 convs of norm(x),   w = softmax_j(q_i . k_j / sqrt(C)),
+    out = x + nin_0(sum_j w_ij v_j)   (divided by sqrt(2) with skip_rescale).
+    """
+
+    num_groups: int
+    skip_rescale: bool
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        b, height, width, c = x.shape
+        h = group_norm(c, self.num_groups)(x).reshape(b, height * width, c)
+        q, k, v = nin(c)(h), nin(c)(h), nin(c)(h)
+        w = jax.nn.softmax(jnp.einsum("bic,bjc->bij", q, k) * c**-0.5, axis=-1)
+        h = nin(c, init_scale=0.0)(jnp.einsum("bij,bjc->bic", w, v)).reshape(x.shape)
+        return (x + h) / math.sqrt(2.0) if self.skip_rescale else x + h
+
+
+class Downsample(nn.Module):
+    """Halves H and W: a stride-2 3x3 convolution, or 2x2 average pooling."""
+
+    with_conv: bool
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        if self.with_conv:
+            return conv3x3(x.shape[-1], stride=2)(x)
+        return nn.avg_pool(x, (2, 2), strides=(2, 2))
+
+
+class Upsample(nn.Module):
+    """Doubles H and W: nearest-neighbour upsampling, then a 3x3 convolution if with_conv."""
+
+    with_conv: bool
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
+        return conv3x3(x.shape[-1])(x) if self.with_conv else x
+
+
+class UNet(nn.Module):
+    """The DDPM U-Net: images (batch, H, W, C) -> an output of the same shape.
+
+    Resolution level i has `ch * ch_mult[i]` channels and `num_res_blocks`
+    residual blocks (followed by self-attention when the resolution is in
+    `attn_resolutions`); every level but the last halves the resolution. The
+    middle is ResBlock-Attn-ResBlock; the upsampling path mirrors the
+    downsampling one with `num_res_blocks + 1` blocks per level, each taking
+    the concatenation of its input and the matching skip activation. The
+    output head is GroupNorm-act-conv (zero-initialised, so the network starts
+    at 0) to C channels. H and W must be divisible by 2^(len(ch_mult) - 1).
+
+    The defaults are DDPM's CIFAR-10 model as the score SDE code builds it
+    (35.2M parameters): like its `ddpm.py`, the upsampling path applies
+    self-attention once per level, after the level's blocks, where DDPM's
+    own code (35.7M) applies it after every block. Options:
+
+    - `embedding`: "sinusoidal" (DDPM) or "fourier" (NCSN++'s Gaussian Fourier
+      features, at `fourier_scale`; see `GaussianFourierProjection`) for the
+      noise level, then DDPM's two-layer MLP to a 4 ch vector temb.
+    - `skip_rescale` (DDPM++/NCSN++): residual sums are divided by sqrt(2),
+      which keeps the variance of the residual stream from growing.
+    - `num_groups`: GroupNorm groups, reduced for narrow layers to keep at
+      least 4 channels per group and to divide the channel count (so tiny
+      configs with ch=8 work and still see the noise level).
+    - `num_classes`: a learned label embedding (num_classes + 1 rows) is
+      added to temb; row `num_classes` is the null label of classifier-free
+      guidance, used when y is None.
+
+    Dropout (after the second normalisation of each residual block) is
+    active only when `train` is true, and then needs `rngs={'dropout': key}`.
+    The input is used as it is: data are expected centred (in [-1, 1]).
+    A scalar `noise_cond` gives a single temb shared by the batch.
+    """
+
+    ch: int = 128
+    ch_mult: tuple[int, ...] = (1, 2, 2, 2)
+    num_res_blocks: int = 2
+    attn_resolutions: tuple[int, ...] = (16,)
+    dropout: float = 0.1
+    resamp_with_conv: bool = True
+    embedding: str = "sinusoidal"
+    fourier_scale: float = 16.0
+    skip_rescale: bool = False
+    num_groups: int = 32
+    num_classes: int | None = None
+    act: str = "silu"
+
+    @nn.compact
+    def __call__(
+        self, x: Array, noise_cond: Array, y: Array | None = None, train: bool = False
+    ) -> Array:
+        self._check_inputs(x, noise_cond, y)
+        act = get_act(self.act)
+        temb = NoiseEmbedding(self.ch, self.embedding, self.act, self.fourier_scale)(noise_cond)
+        if self.num_classes is not None:
+            labels = jnp.asarray(self.num_classes) if y is None else y
+            embed = nn.Embed(
+                self.num_classes + 1, temb.shape[-1], embedding_init=nn.initializers.normal(1.0)
+            )
+            temb = temb + embed(labels)
+
+        def res_block(out_ch: int) -> ResnetBlock:
+            return ResnetBlock(out_ch, act, self.num_groups, self.dropout, self.skip_rescale)
+
+        def attn_block() -> AttnBlock:
+            return AttnBlock(self.num_groups, self.skip_rescale)
+
+        # Downsampling path; every activation is kept for a skip connection.
+        hs = [conv3x3(self.ch)(x)]
+        for level, mult in enumerate(self.ch_mult):
+            for _ in range(self.num_res_blocks):
+                h = res_block(self.ch * mult)(hs[-1], temb, train)
+                if h.shape[1] in self.attn_resolutions:
+                    h = attn_block()(h)
+                hs.append(h)
+            if level != len(self.ch_mult) - 1:
+                hs.append(Downsample(self.resamp_with_conv)(hs[-1]))
+
+        h = hs[-1]
+        h = res_block(h.shape[-1])(h, temb, train)
+        h = attn_block()(h)
+        h = res_block(h.shape[-1])(h, temb, train)
+
+        # Upsampling path: one more block per level than on the way down, so
+        # that each consumes one skip (the extra one is the level's input).
+        for level, mult in reversed(list(enumerate(self.ch_mult))):
+            for _ in range(self.num_res_blocks + 1):
+                h = res_block(self.ch * mult)(jnp.concatenate([h, hs.pop()], axis=-1), temb, train)
+            if h.shape[1] in self.attn_resolutions:
+                h = attn_block()(h)
+            if level != 0:
+                h = Upsample(self.resamp_with_conv)(h)
+
+        h = act(group_norm(h.shape[-1], self.num_groups)(h))
+        return conv3x3(x.shape[-1], init_scale=0.0)(h)
+
+    def _check_inputs(self, x: Array, noise_cond: Array, y: Array | None) -> None:
+        if x.ndim != 4:
+            raise ValueError(f"UNet takes NHWC images, got an input of shape {x.shape}")
+        factor = 2 ** (len(self.ch_mult) - 1)
+        if x.shape[1] % factor or x.shape[2] % factor:
+            raise ValueError(
+                f"image size {x.shape[1]}x{x.shape[2]} is not divisible by {factor}, the "
+                f"downsampling factor of ch_mult={self.ch_mult}"
+            )
+        check_noise_cond(noise_cond)
+        if y is not None and self.num_classes is None:
+            raise ValueError("labels y were given to a UNet with num_classes=None")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
