@@ -873,6 +873,16 @@ def batch_indices(seed, step, n: int, batch_size: int) -> Array:
     return perms[offsets // n, offsets % n]
 
 
+def gather(arrays: DataArrays, idx: Array, key=None) -> dict:
+    """{'x': model inputs, 'y': labels or None} of the examples `idx` (dequantised with `key`)."""
+    return _gather(arrays, idx, key)
+
+
+def dequantize_key(seed, step) -> Array:
+    """The key of batch `step`'s dequantisation noise (shared by `batch` and `Batcher`)."""
+    return jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(seed), _DEQUANT_STREAM), step)
+
+
 def _gather(arrays: DataArrays, idx: Array, key) -> dict:
     x = arrays.scaling.to_model(jnp.take(arrays.x, idx, axis=0), key)
     y = None if arrays.y is None else jnp.take(arrays.y, idx, axis=0)
@@ -884,9 +894,7 @@ def _batch(arrays: DataArrays, seed, step, batch_size: int, dequantize: bool) ->
     idx = batch_indices(seed, step, arrays.num_examples, batch_size)
     key = None
     if dequantize:
-        key = jax.random.fold_in(
-            jax.random.fold_in(jax.random.PRNGKey(seed), _DEQUANT_STREAM), step
-        )
+        key = dequantize_key(seed, step)
     return _gather(arrays, idx, key)
 
 
@@ -939,7 +947,8 @@ class Batcher:
             self._perms[epoch] = np.asarray(_permutation_jit(self.seed, epoch, n))
         return self._perms[epoch]
 
-    def __call__(self, step: int) -> dict[str, Array | None]:
+    def indices(self, step: int) -> np.ndarray:
+        """The example indices of batch `step` (== `batch_indices(seed, step, n, B)`)."""
         n, b = self.arrays.num_examples, self.batch_size
         positions = step * b + np.arange(b, dtype=np.int64)  # Python ints: no overflow
         epochs = positions // n
@@ -947,11 +956,11 @@ class Batcher:
         for epoch in np.unique(epochs):
             where = epochs == epoch
             idx[where] = self._permutation(int(epoch))[positions[where] % n]
-        key = None
-        if self.dequantize:
-            base = jax.random.fold_in(jax.random.PRNGKey(self.seed), _DEQUANT_STREAM)
-            key = jax.random.fold_in(base, step)
-        return _gather_jit(self.arrays, idx, key)
+        return idx
+
+    def __call__(self, step: int) -> dict[str, Array | None]:
+        key = dequantize_key(self.seed, step) if self.dequantize else None
+        return _gather_jit(self.arrays, self.indices(step), key)
 
 
 _permutation_jit = jax.jit(epoch_permutation, static_argnums=2)

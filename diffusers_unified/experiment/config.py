@@ -205,6 +205,19 @@ def check_values(config, device_count: int | None = None) -> None:
             f"distributed.process_id={values['distributed.process_id']} must be below "
             f"distributed.num_processes={values['distributed.num_processes']}"
         )
+    k = values["training.n_jitted_steps"]
+    for key in (
+        "training.n_iters",
+        "training.log_freq",
+        "training.checkpoint_freq",
+        "training.snapshot_freq",
+    ):
+        if values[key] % k:
+            raise ConfigError(
+                f"{key}={values[key]} must be a multiple of training.n_jitted_steps={k}: "
+                "updates run in compiled chunks of that many, and logs, checkpoints and "
+                "snapshots happen between chunks"
+            )
     for key in ("training.batch_size", "sampling.batch_size"):
         if device_count and values[key] % device_count:
             raise ConfigError(

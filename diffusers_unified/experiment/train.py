@@ -212,31 +212,39 @@ def _check_disk(wd: Workdir, state, keep: int, strict: bool) -> None:
 def _loop(
     run: Run, wd: Workdir, ckpt: CheckpointManager, state: TrainState, *, validate_all, debug_nans
 ) -> TrainState:
+    """Runs updates in compiled chunks of training.n_jitted_steps (one `lax.scan` each)."""
     config, t = run.config, run.config.training
+    k = t.n_jitted_steps
     arrays = run.dataset.device_arrays("train", run.replicated)
-    batcher = datasets.Batcher(
-        arrays, config.seed, t.batch_size, dequantize=config.data.uniform_dequantization
-    )
+    dequantize = config.data.uniform_dequantization
+    batcher = datasets.Batcher(arrays, config.seed, t.batch_size, dequantize=dequantize)
     expected, source = build.expected_data_shape(config, run.dataset)
     nan_steps = _fault_steps("DU_FAULT_NAN_AT_STEP")
     kill_steps = _fault_steps("DU_FAULT_KILL_AT_STEP")
     sleep = float(os.environ.get("DU_FAULT_STEP_SLEEP", "0") or 0)
-    optim = optimizer(config)
     step_fn = make_train_step(
-        run.loss_fn, optim, config.model.ema_rate, skip_nonfinite=config.optim.skip_nonfinite > 0
+        run.loss_fn,
+        optimizer(config),
+        config.model.ema_rate,
+        skip_nonfinite=config.optim.skip_nonfinite > 0,
     )
+    conditional = config.model.class_conditional
     traces = [0]
 
-    def counted_step(state, batch, loss_scale):
+    def chunk(state, arrays, indices, loss_scales):
         traces[0] += 1  # runs only while tracing: counts compilations
-        return step_fn(state, batch, loss_scale)
 
-    train_step = jax.jit(
-        counted_step,
-        in_shardings=(run.replicated, run.batch_sharding, run.replicated),
-        out_shardings=(run.replicated, run.replicated),
-        donate_argnums=0,
-    )
+        def body(state, inputs):
+            idx, loss_scale = inputs
+            key = datasets.dequantize_key(config.seed, state.step) if dequantize else None
+            batch = datasets.gather(arrays, idx, key)
+            batch = {"x": batch["x"], "y": batch["y"] if conditional else None}
+            batch = jax.lax.with_sharding_constraint(batch, run.batch_sharding)
+            return step_fn(state, batch, loss_scale)
+
+        return jax.lax.scan(body, state, (indices, loss_scales))
+
+    train_chunk = jax.jit(chunk, out_shardings=(run.replicated, run.replicated), donate_argnums=0)
     state = jax.device_put(state, run.replicated)
     last_saved = ckpt.latest_step()
     sigterm = _SigtermFlag()
@@ -245,30 +253,32 @@ def _loop(
     validate = config.data.validate_batches
     try:
         while int(state.step) < t.n_iters:
-            step = int(state.step)
-            batch = _global_batch(run, batcher, step)
-            if validate_all or validate == 0 or updates < validate:
-                datasets.validate_batch(
-                    batch,
-                    expected,
-                    run.dataset.centered if run.dataset.kind == "image" else None,
-                    batch_index=step,
-                    name=run.dataset.name,
-                    shape_source=source,
-                    num_classes=run.dataset.num_classes if config.model.class_conditional else None,
-                    num_classes_flag="model.class_conditional",
-                )
-            loss_scale = jnp.float32(np.nan if step + 1 in nan_steps else 1.0)
+            first = int(state.step)
+            steps = range(first, first + k)
+            for step in steps:
+                if validate_all or validate == 0 or updates + step - first < validate:
+                    datasets.validate_batch(
+                        batcher(step),
+                        expected,
+                        run.dataset.centered if run.dataset.kind == "image" else None,
+                        batch_index=step,
+                        name=run.dataset.name,
+                        shape_source=source,
+                        num_classes=run.dataset.num_classes if conditional else None,
+                        num_classes_flag="model.class_conditional",
+                    )
+            indices = np.stack([batcher.indices(step) for step in steps])
+            scales = np.array([np.nan if s + 1 in nan_steps else 1.0 for s in steps], np.float32)
             previous = state if debug_nans else None
-            state, metrics = train_step(state, batch, loss_scale)
-            metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-            _check_finite(run, state, metrics, step + 1, last_saved, previous, batch, debug_nans)
-            window.append(metrics["loss"])
-            updates += 1
-            progress.update(1)
+            state, metrics = train_chunk(state, arrays, indices, scales)
+            metrics = {name: np.asarray(v) for name, v in jax.device_get(metrics).items()}
+            _check_finite(run, state, metrics, first, last_saved, previous, debug_nans)
+            window.extend(metrics["loss"].tolist())
+            updates += k
+            progress.update(k)
             if sleep:
                 time.sleep(sleep)
-            if step + 1 in kill_steps:
+            if any(first < s <= first + k for s in kill_steps):
                 os.kill(os.getpid(), signal.SIGKILL)
             done = int(state.step)
             if done % t.log_freq == 0 or done == t.n_iters:
@@ -276,7 +286,7 @@ def _loop(
                 record = {
                     "step": done,
                     "loss": float(np.mean(window)),
-                    "grad_norm": metrics["grad_norm"],
+                    "grad_norm": float(metrics["grad_norm"][-1]),
                     "steps_per_sec": len(window) / elapsed,
                     "examples_per_sec": len(window) * t.batch_size / elapsed,
                 }
@@ -326,37 +336,30 @@ def _to_host(x):
     return np.asarray(x)
 
 
-def _global_batch(run: Run, batcher: datasets.Batcher, step: int):
-    """Batch `step` of the global batch, placed across every device (and process)."""
-    b = run.config.training.batch_size
-    batch = batcher(step)
-    if not run.config.model.class_conditional:
-        batch = {"x": batch["x"]}  # unconditional models never see labels
-    if jax.process_count() == 1:
-        return jax.device_put(batch, run.batch_sharding)
-    per_process = b // jax.process_count()
-    lo = jax.process_index() * per_process
-    return jax.tree.map(
-        lambda a: jax.make_array_from_process_local_data(
-            run.batch_sharding, np.asarray(a)[lo : lo + per_process], (b, *a.shape[1:])
-        ),
-        batch,
-    )
+def _check_finite(run, state, metrics, first, last_saved, previous, debug_nans):
+    """Stops at the first non-finite loss or gradient norm (or counts skipped updates).
 
-
-def _check_finite(run, state, metrics, step, last_saved, previous, batch, debug_nans):
-    """Stops at the first non-finite loss or gradient norm (or counts a skipped update)."""
-    bad = [k for k in ("loss", "grad_norm") if not np.isfinite(metrics[k])]
-    if not bad:
+    `metrics` holds one entry per update of the chunk that began at `first`.
+    """
+    finite = np.isfinite(metrics["loss"]) & np.isfinite(metrics["grad_norm"])
+    if finite.all():
         return
+    i = int(np.argmin(finite))
+    step = first + i + 1
+    name = "loss" if not np.isfinite(metrics["loss"][i]) else "grad_norm"
+    value = metrics[name][i]
     limit = run.config.optim.skip_nonfinite
     if limit > 0:
         skips = int(state.nonfinite_skips)
         logger.warning(
-            "skipped non-finite update at step %d (%s=%s); %d in a row (limit %d)",
+            "skipped %d non-finite update(s) in steps %d-%d (first at step %d: %s=%s); "
+            "%d in a row now (limit %d)",
+            int((~finite).sum()),
+            first + 1,
+            first + len(finite),
             step,
-            bad[0],
-            metrics[bad[0]],
+            name,
+            value,
             skips,
             limit,
         )
@@ -364,27 +367,39 @@ def _check_finite(run, state, metrics, step, last_saved, previous, batch, debug_
             return
         reason = f"{skips} consecutive non-finite updates (optim.skip_nonfinite={limit})"
     else:
-        reason = f"non-finite {bad[0]}={metrics[bad[0]]}"
+        reason = f"non-finite {name}={value}"
     message = (
         f"{reason} at step {step}; no checkpoint was written at or after it. The last good "
         f"checkpoint is step {last_saved}."
     )
     if debug_nans and previous is not None:
-        message += "\n" + _debug_nans(run, previous, batch)
+        message += "\n" + _debug_nans(run, previous, step)
     else:
         message += " Rerun with --debug_nans to locate the operation that produced it."
     raise NonFiniteError(message)
 
 
-def _debug_nans(run: Run, state: TrainState, batch) -> str:
-    """Reruns the failing update op by op under jax_debug_nans to name the primitive."""
-    step_fn = make_train_step(run.loss_fn, optimizer(run.config), run.config.model.ema_rate)
-    scale = jnp.float32(
-        np.nan if int(state.step) + 1 in _fault_steps("DU_FAULT_NAN_AT_STEP") else 1.0
+def _debug_nans(run: Run, state: TrainState, bad_step: int) -> str:
+    """Replays the chunk up to the failing update op by op, under jax_debug_nans."""
+    config = run.config
+    step_fn = make_train_step(run.loss_fn, optimizer(config), config.model.ema_rate)
+    arrays = run.dataset.device_arrays("train")
+    batcher = datasets.Batcher(
+        arrays,
+        config.seed,
+        config.training.batch_size,
+        dequantize=config.data.uniform_dequantization,
     )
+    nan_steps = _fault_steps("DU_FAULT_NAN_AT_STEP")
+    state = jax.device_get(state)
     try:
-        with jax.debug_nans(True), jax.disable_jit():
-            step_fn(state, batch, scale)
+        for step in range(int(state.step), bad_step):
+            batch = batcher(step)
+            if not config.model.class_conditional:
+                batch = {"x": batch["x"], "y": None}
+            scale = jnp.float32(np.nan if step + 1 in nan_steps else 1.0)
+            with jax.debug_nans(step + 1 == bad_step), jax.disable_jit(step + 1 == bad_step):
+                state, _ = step_fn(state, batch, scale)
     except FloatingPointError as e:
         return f"--debug_nans: {str(e).splitlines()[0]}"
     return "--debug_nans: the update did not reproduce the non-finite value op by op."

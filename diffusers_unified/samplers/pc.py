@@ -348,7 +348,8 @@ def annealed_langevin(
     step_lr is step_size / 2 here.
     """
     ts = resolve_grid(process, num_steps, grid)
-    alphas, sigmas = (np.asarray(a) for a in process.alpha_sigma(jnp.asarray(ts, jnp.float32)))
+    with jax.ensure_compile_time_eval():  # concrete even when traced inside a caller's jit
+        alphas, sigmas = (np.asarray(a) for a in process.alpha_sigma(jnp.asarray(ts)))
     if not np.allclose(alphas, 1.0):
         raise ValueError(
             f"annealed_langevin is defined for variance-exploding processes (alpha(t) = 1: "
