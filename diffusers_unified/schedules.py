@@ -60,3 +60,34 @@ def karras_sigmas(
 def _check_count(name: str, value: int, minimum: int) -> None:
     if int(value) != value or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def pchip_slopes(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Knot derivatives of the monotone piecewise-cubic interpolant (Fritsch and Carlson 1980).
+
+    The interpolant through (x, y) with these slopes is C^1 and monotone
+    wherever the data are (as scipy's PchipInterpolator): interior slopes are
+    weighted harmonic means of the neighbouring secant slopes (0 at a local
+    extremum), end slopes a shape-preserving three-point formula.
+    """
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    h = np.diff(x)
+    delta = np.diff(y) / h
+    d = np.zeros_like(y)
+    w1 = 2 * h[1:] + h[:-1]
+    w2 = h[1:] + 2 * h[:-1]
+    same_sign = delta[:-1] * delta[1:] > 0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        harmonic = (w1 + w2) / (w1 / delta[:-1] + w2 / delta[1:])
+    d[1:-1] = np.where(same_sign, harmonic, 0.0)
+    for end, (h0, h1, d0, d1) in (
+        (0, (h[0], h[1], delta[0], delta[1])),
+        (-1, (h[-1], h[-2], delta[-1], delta[-2])),
+    ):
+        slope = ((2 * h0 + h1) * d0 - h0 * d1) / (h0 + h1)
+        if np.sign(slope) != np.sign(d0):
+            slope = 0.0
+        elif np.sign(d0) != np.sign(d1) and abs(slope) > abs(3 * d0):
+            slope = 3 * d0
+        d[end] = slope
+    return d

@@ -11,7 +11,8 @@ to its most probable component, so the rare overlap is treated alike):
   cases x 20 moments: 4 SE keeps the chance of a false alarm anywhere in the
   file near 1 %, 3 SE would make one likely);
 * the sliced Wasserstein distance to exact samples within 1.5x the noise
-  floor, the mean distance between independent exact sets of the same size.
+  floor, the mean distance from the same exact sets to independent exact
+  sets of the same size.
   In 2-D one such distance fluctuates by 25 % (its coefficient of variation,
   measured: the tails of the 1-D quantile functions dominate it), so 1.5x
   would be only two standard deviations; each case therefore draws 4 x 5,000
@@ -103,12 +104,16 @@ def reference():
     x = np.asarray(x, np.float64)
     freq = np.bincount(labels, minlength=K) / labels.size
     moments = [(x[labels == k].mean(0), np.cov(x[labels == k].T)) for k in range(K)]
-    exact = [MIXTURE.sample(jax.random.PRNGKey(200 + i), N)[0] for i in range(BATCHES + 16)]
+    exact = [MIXTURE.sample(jax.random.PRNGKey(200 + i), N)[0] for i in range(BATCHES)]
+    # The floor is paired with the sets the samplers are compared to: the mean
+    # distance from each of them to 8 further independent exact sets. An
+    # unpaired floor (other sets against each other) leaves the luck of
+    # `exact` itself in the ratio (measured: 0.036 from 8 unpaired pairs
+    # against 0.049 paired, with sampler distances of 0.052-0.055).
+    others = [MIXTURE.sample(jax.random.PRNGKey(300 + i), N)[0] for i in range(8)]
     sw = functools.partial(sliced_wasserstein, key=jax.random.PRNGKey(7))
-    floor = np.mean(
-        [float(sw(exact[i], exact[i + 8])) for i in range(2 * BATCHES, 2 * BATCHES + 8)]
-    )
-    return freq, moments, floor, exact[:BATCHES], labels.size
+    floor = np.mean([float(sw(o, e)) for e in exact for o in others])
+    return freq, moments, floor, exact, labels.size
 
 
 @pytest.mark.slow

@@ -78,7 +78,10 @@ def parse_flags(argv: list[str]) -> list[str]:
     try:
         path = _config_path(argv)
         if path is not None:
-            loaded = config_lib.load_module(path.split(":", 1)[0]).get_config()
+            # config_flags calls get_config(arg) for `--config=file.py:arg`; check that config.
+            file, sep, arg = path.partition(":")
+            module = config_lib.load_module(file)
+            loaded = module.get_config(arg) if sep else module.get_config()
             config_lib.check_against_schema(loaded, source=path)
             config_lib.check_overrides(argv, loaded)
         elif any(a.startswith("--config.") for a in argv):
@@ -115,6 +118,9 @@ def resolve_config(workdir: str):
     saved = Workdir(workdir).saved_config()
     if saved is None:
         raise ConfigError(f"no --config given and no config.json in {workdir}")
+    if "distributed" in saved:
+        # How the training run's processes met; this run is on its own unless --config says.
+        saved.distributed.enabled = False
     return saved
 
 
@@ -131,6 +137,8 @@ def initialise_distributed(config) -> None:
         num_processes=d.num_processes,
         process_id=d.process_id,
     )
+    if jax.process_index() != 0:
+        logger.setLevel(logging.WARNING)  # process 0 reports progress; the rest only problems
 
 
 def main(argv) -> None:

@@ -11,7 +11,18 @@ Fault-injection hooks for the reliability tests, read from the environment
 k, before its checkpoint), DU_FAULT_NAN_AT_STEP=k[,k2...] (update k's loss is
 multiplied by NaN), DU_FAULT_STEP_SLEEP=seconds (sleep after each update, so
 a test can signal a run mid-way); the checkpoint hooks are in
-training.checkpoints.
+training.checkpoints. DU_DUMP_FINAL_STATE=dir makes every process write the
+final state as its own devices hold it to dir/final_state.<process>.npz (the
+multi-process test compares them).
+
+Several processes (config section `distributed`, joined by the launcher with
+`jax.distributed.initialize`) train one data-parallel model: the mesh spans
+every process's devices, every process computes the same (seed, step) batch
+indices, each device gathers its slice of the global batch, and the state is
+replicated. Process 0 alone owns the work directory (config, log, metrics,
+checkpoints, snapshots); the others learn from it, through a collective,
+whether a read or write that only it performs succeeded, and the state it
+resumed from, so every process stops together with the same exit code.
 """
 
 from __future__ import annotations
@@ -25,9 +36,11 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from diffusers_unified import errors
 from diffusers_unified.data import datasets
 from diffusers_unified.errors import CheckpointError, NonFiniteError, Preempted
 from diffusers_unified.experiment import build
@@ -162,6 +175,24 @@ def train(
     """
     wd = Workdir(workdir)
     run = build_run(config)
+    if not _is_primary():
+        # Process 0 owns the work directory; this one starts from the state it resolved.
+        _share_outcome(None)
+        state = _from_primary(run.init_state())
+        return _loop(run, None, None, state, validate_all=validate_all, debug_nans=debug_nans)
+    try:
+        ckpt, state = _prepare(run, wd, resume, allow_config_change, on_corrupt, strict_disk)
+    except Exception as e:
+        _share_outcome(e)
+        raise
+    _share_outcome(None)
+    state = _from_primary(state)
+    return _loop(run, wd, ckpt, state, validate_all=validate_all, debug_nans=debug_nans)
+
+
+def _prepare(run: Run, wd: Workdir, resume, allow_config_change, on_corrupt, strict_disk):
+    """Process 0: checks and opens the work directory; returns (checkpoints, start state)."""
+    config = run.config
     ckpt = CheckpointManager(wd.checkpoints, keep=config.training.keep)
     latest = ckpt.latest_step()
     if latest is None and resume == "required":
@@ -183,14 +214,14 @@ def train(
     else:
         if changes:
             logger.info("config changes allowed on resume:\n%s", "\n".join(changes))
-        if allow_config_change:
-            wd.save_config(config)
         state, _ = ckpt.restore(latest, target=state, on_corrupt=on_corrupt)
+        if allow_config_change:  # only once the checkpoint fits the new config
+            wd.save_config(config)
         latest = int(state.step)
         dropped = wd.truncate_metrics(latest)
         logger.info("Resuming from step %d (dropped %d metric lines past it)", latest, dropped)
     _check_disk(wd, state, config.training.keep, strict_disk)
-    return _loop(run, wd, ckpt, state, validate_all=validate_all, debug_nans=debug_nans)
+    return ckpt, state
 
 
 def _check_disk(wd: Workdir, state, keep: int, strict: bool) -> None:
@@ -246,7 +277,8 @@ def _loop(
 
     train_chunk = jax.jit(chunk, out_shardings=(run.replicated, run.replicated), donate_argnums=0)
     state = jax.device_put(state, run.replicated)
-    last_saved = ckpt.latest_step()
+    # (process 0 resumed from its newest checkpoint, if any: the others' start step)
+    last_saved = ckpt.latest_step() if ckpt is not None else (int(state.step) or None)
     sigterm = _SigtermFlag()
     progress = _progress(int(state.step), t.n_iters)
     window, window_start, updates = [], time.perf_counter(), 0
@@ -269,7 +301,8 @@ def _loop(
                     )
             indices = np.stack([batcher.indices(step) for step in steps])
             scales = np.array([np.nan if s + 1 in nan_steps else 1.0 for s in steps], np.float32)
-            previous = state if debug_nans else None
+            # A host copy: the chunk donates (and so deletes) the state's device buffers.
+            previous = jax.device_get(state) if debug_nans else None
             state, metrics = train_chunk(state, arrays, indices, scales)
             metrics = {name: np.asarray(v) for name, v in jax.device_get(metrics).items()}
             _check_finite(run, state, metrics, first, last_saved, previous, debug_nans)
@@ -290,7 +323,8 @@ def _loop(
                     "steps_per_sec": len(window) / elapsed,
                     "examples_per_sec": len(window) * t.batch_size / elapsed,
                 }
-                wd.append_metrics(record)
+                if wd is not None:
+                    wd.append_metrics(record)
                 progress.set_postfix(
                     loss=f"{record['loss']:.4f}", steps_per_s=f"{record['steps_per_sec']:.1f}"
                 )
@@ -305,35 +339,108 @@ def _loop(
             if done % t.checkpoint_freq == 0 or done == t.n_iters:
                 _save(ckpt, state, done)
                 last_saved = done
-            if t.snapshot_freq and done % t.snapshot_freq == 0:
+            if t.snapshot_freq and done % t.snapshot_freq == 0 and wd is not None:
                 snapshot(run, wd, state, done)
-            if sigterm.raised:
+            if _any_process(sigterm.raised):  # every process stops after the same update
                 if last_saved != done:
                     _save(ckpt, state, done)
-                ckpt.wait_until_finished()
+                if ckpt is not None:
+                    ckpt.wait_until_finished()
                 logger.warning("Pre-empted at step %d; checkpoint saved", done)
                 raise Preempted(f"Pre-empted at step {done}; checkpoint saved")
     finally:
         sigterm.restore()
         progress.close()
-        ckpt.close()
+        if ckpt is not None:
+            ckpt.close()
     logger.info(
         "training finished at step %d; the train step compiled %d time(s)",
         int(state.step),
         traces[0],
     )
+    _dump_state(state)
     return state
 
 
-def _save(ckpt: CheckpointManager, state: TrainState, step: int) -> None:
-    host = jax.tree.map(_to_host, state)
-    ckpt.save(step, host, metadata={"step": step})
+def _save(ckpt: CheckpointManager | None, state: TrainState, step: int) -> None:
+    """Process 0 writes (the manager is single-writer); the others wait for its outcome."""
+    if ckpt is None:
+        _share_outcome(None)
+        return
+    try:
+        host = jax.tree.map(_to_host, state)
+        ckpt.save(step, host, metadata={"step": step})
+    except Exception as e:
+        _share_outcome(e)
+        raise
+    _share_outcome(None)
 
 
 def _to_host(x):
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
         return np.asarray(x.addressable_data(0))  # replicated across processes
     return np.asarray(x)
+
+
+# -- several processes ---------------------------------------------------------------------
+
+
+def _is_primary() -> bool:
+    """Process 0 owns the work directory: config, log, metrics, checkpoints, snapshots."""
+    return jax.process_index() == 0
+
+
+def _from_primary(tree):
+    """`tree` (arrays of equal shapes everywhere) as process 0 holds it, on every process."""
+    if jax.process_count() == 1:
+        return tree
+    return multihost_utils.broadcast_one_to_all(tree)
+
+
+_EXIT_CODE_ERRORS = {
+    cls.exit_code: cls
+    for cls in (
+        errors.ConfigError,
+        errors.NonFiniteError,
+        errors.DataError,
+        errors.CheckpointError,
+        errors.Preempted,
+    )
+}
+
+
+def _share_outcome(error: BaseException | None) -> None:
+    """Process 0 tells the others whether something only it does (open, resume, save) worked.
+
+    Called by every process at the same point. Where process 0 failed, the
+    others raise the error type of its exit code, so every process exits with
+    that code instead of waiting at the next collective for a process that
+    has gone.
+    """
+    if jax.process_count() == 1:
+        return
+    code = int(_from_primary(np.int32(getattr(error, "exit_code", 1) if error else 0)))
+    if code and not _is_primary():
+        cls = _EXIT_CODE_ERRORS.get(code, errors.DiffusersUnifiedError)
+        raise cls(f"process 0 failed (exit code {code}); its log says why")
+
+
+def _any_process(flag: bool) -> bool:
+    """Whether `flag` holds on any process (a collective where there are several)."""
+    if jax.process_count() == 1:
+        return flag
+    return bool(np.any(multihost_utils.process_allgather(np.int32(flag))))
+
+
+def _dump_state(state: TrainState) -> None:
+    """Test hook DU_DUMP_FINAL_STATE=dir: this process's copy of the state, as an .npz file."""
+    directory = os.environ.get("DU_DUMP_FINAL_STATE")
+    if not directory:
+        return
+    flat = jax.tree_util.tree_flatten_with_path(jax.tree.map(_to_host, state))[0]
+    arrays = {jax.tree_util.keystr(p, simple=True, separator="/"): a for p, a in flat}
+    os.makedirs(directory, exist_ok=True)
+    np.savez(os.path.join(directory, f"final_state.{jax.process_index()}.npz"), **arrays)
 
 
 def _check_finite(run, state, metrics, first, last_saved, previous, debug_nans):
@@ -413,7 +520,8 @@ def snapshot(run: Run, wd: Workdir, state: TrainState, step: int, n: int = 512) 
     n = min(n, run.config.sampling.batch_size)
     n -= n % len(run.mesh.devices.flat)
     key = jax.random.fold_in(jax.random.PRNGKey(run.config.seed), 1_000_000 + step)
-    out = run.sample(key, state.ema_params, n)
+    # Host copies: sampled on this process's default device alone, not across the mesh.
+    out = run.sample(key, jax.tree.map(_to_host, state.ema_params), n)
     samples = np.asarray(jax.device_get(out.samples))
     path = os.path.join(wd.snapshots, f"step_{step}.png")
     reference = run.dataset.model_data("test")[0][:n]
@@ -438,6 +546,6 @@ def _progress(start: int, total: int):
         desc="train",
         unit="step",
         mininterval=1.0,
-        disable=None,
+        disable=None if _is_primary() else True,
         dynamic_ncols=True,
     )
