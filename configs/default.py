@@ -54,7 +54,9 @@ def get_config():
     model.dropout = 0.1  # unet: dropout rate in residual blocks
     model.resamp_with_conv = True  # unet: convolutions in up/downsampling
     model.skip_rescale = False  # unet: scale skip sums by 1/sqrt(2) (DDPM++ / NCSN++)
-    model.class_conditional = False  # condition on labels (the dataset must have them)
+    # Condition on labels (the dataset must have them; their number is the dataset's
+    # num_classes, and label num_classes is the null label of classifier-free guidance).
+    model.class_conditional = False
 
     # -- training ------------------------------------------------------------------
     config.training = training = ml_collections.ConfigDict()
@@ -62,6 +64,10 @@ def get_config():
     training.weighting = "sigma2"  # dsm: sigma2 | likelihood
     training.reduce = "mean"  # squared error over dimensions: mean | sum
     training.t_min = 1e-5  # dsm, ssm: training times t ~ U(t_min, T)
+    # Classifier-free guidance: probability that a label is replaced by the null
+    # label, so the network also learns the unconditional score (Ho and Salimans
+    # use 0.1 or 0.2). Needs model.class_conditional; 0 = always the true label.
+    training.label_dropout = 0.0
     training.batch_size = 512  # global batch, split over every device
     training.n_jitted_steps = 5  # updates per compiled call (a lax.scan): less dispatch overhead
     training.n_iters = 6_000  # total updates
@@ -99,12 +105,29 @@ def get_config():
     sampling.ode_method = "dopri5"  # ode: euler | heun | rk4 | dopri5 | tsit5
     sampling.rtol = 1e-5  # ode, adaptive methods
     sampling.atol = 1e-5  # ode, adaptive methods
+    # Classifier-free guidance weight w (Ho and Salimans): score (1 + w) s(x, y) - w s(x, null).
+    # 0 = plain conditional sampling; > 0 needs training.label_dropout > 0. diffusers'
+    # guidance_scale is 1 + w.
+    sampling.guidance_weight = 0.0
+    sampling.class_label = -1  # class-conditional: every sample's label; -1 = classes in turn
     sampling.num_samples = 2_000  # samples written by --mode=sample and the final snapshot
     sampling.batch_size = 2_000  # samples drawn per sampler call
 
     # -- evaluation --------------------------------------------------------------------
     config.eval = evaluate = ml_collections.ConfigDict()
     evaluate.num_samples = 2_000  # samples compared with held-out data by --mode=eval
+    # Likelihood of held-out data: ode (probability-flow ODE, any process) | bound
+    # (DDPM's variational bound; ddpm only) | all (every one the process has) | none.
+    evaluate.likelihood = "ode"
+    evaluate.num_likelihood = 1_000  # held-out examples whose likelihood is computed
+    evaluate.likelihood_batch = 500  # examples per compiled likelihood call (and resumable unit)
+    evaluate.divergence = "hutchinson"  # ode: exact (Jacobian trace; small dims) | hutchinson
+    evaluate.probe = "rademacher"  # hutchinson probes: rademacher | gaussian
+    evaluate.num_probes = 1  # hutchinson probes per example
+    evaluate.ode_method = "dopri5"  # ode: dopri5 | tsit5 (adaptive) | euler | heun | rk4
+    evaluate.rtol = 1e-5  # ode, adaptive methods (the score SDE code's RK45 setting)
+    evaluate.atol = 1e-5
+    evaluate.num_steps = 1_000  # ode, fixed-step methods
 
     # -- several hosts ------------------------------------------------------------------
     config.distributed = distributed = ml_collections.ConfigDict()

@@ -164,7 +164,7 @@ def main(argv) -> None:
 
 
 def _dispatch(config) -> None:
-    from diffusers_unified.experiment import sample, train
+    from diffusers_unified.experiment import evaluate, sample, train
     from diffusers_unified.experiment.workdir import Workdir
 
     if FLAGS.mode == "train":
@@ -182,7 +182,7 @@ def _dispatch(config) -> None:
     saved = Workdir(FLAGS.workdir).saved_config()
     if saved is not None and FLAGS.config is not None:
         config_lib.check_resume_compatible(saved, config, FLAGS.allow_config_change)
-    fn = sample.sample if FLAGS.mode == "sample" else sample.evaluate
+    fn = sample.sample if FLAGS.mode == "sample" else evaluate.evaluate
     fn(config, FLAGS.workdir, checkpoint=FLAGS.checkpoint, on_corrupt=FLAGS.on_corrupt)
 
 

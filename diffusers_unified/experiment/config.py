@@ -126,6 +126,10 @@ CHOICES = {
     "sampling.corrector": ("none", "langevin", "ald"),
     "sampling.variance": ("small", "large"),
     "sampling.ode_method": ("euler", "heun", "rk4", "dopri5", "tsit5"),
+    "eval.likelihood": ("ode", "bound", "all", "none"),
+    "eval.divergence": ("exact", "hutchinson"),
+    "eval.probe": ("rademacher", "gaussian"),
+    "eval.ode_method": ("euler", "heun", "rk4", "dopri5", "tsit5"),
 }
 POSITIVE_INTS = (
     "data.num_train",
@@ -141,6 +145,10 @@ POSITIVE_INTS = (
     "sampling.num_samples",
     "sampling.batch_size",
     "eval.num_samples",
+    "eval.num_likelihood",
+    "eval.likelihood_batch",
+    "eval.num_probes",
+    "eval.num_steps",
     "distributed.num_processes",
 )
 NON_NEGATIVE_INTS = (
@@ -164,8 +172,17 @@ POSITIVE_FLOATS = (
     "sampling.step_size",
     "sampling.rtol",
     "sampling.atol",
+    "eval.rtol",
+    "eval.atol",
 )
-UNIT_INTERVAL = ("model.ema_rate", "model.dropout", "optim.beta1", "optim.beta2", "sampling.eta")
+UNIT_INTERVAL = (
+    "model.ema_rate",
+    "model.dropout",
+    "optim.beta1",
+    "optim.beta2",
+    "sampling.eta",
+    "training.label_dropout",
+)
 
 
 def check_values(config, device_count: int | None = None) -> None:
@@ -196,6 +213,12 @@ def check_values(config, device_count: int | None = None) -> None:
             f"process.sigma_min={values['process.sigma_min']} must be below process.sigma_max="
             f"{values['process.sigma_max']}"
         )
+    if values["eval.likelihood"] == "bound" and values["process.name"] != "ddpm":
+        raise ConfigError(
+            f"eval.likelihood='bound' is DDPM's variational bound, but process.name="
+            f"{values['process.name']!r}; use 'ode' (any process) or 'all'"
+        )
+    _check_conditioning(values)
     if values["data.dataset"] in ("npz", "image_folder") and not values["data.path"]:
         raise ConfigError(f"data.dataset={values['data.dataset']!r} needs data.path")
     if values["data.num_channels"] not in (1, 3):
@@ -224,6 +247,35 @@ def check_values(config, device_count: int | None = None) -> None:
                 f"{key}={values[key]} must be divisible by device count {device_count} "
                 f"(per-device batch would be {values[key] / device_count:g})"
             )
+
+
+def _check_conditioning(values: dict) -> None:
+    """Label dropout and guidance need a class-conditional model (and guidance, dropout)."""
+    conditional = values["model.class_conditional"]
+    dropout, w = values["training.label_dropout"], values["sampling.guidance_weight"]
+    if dropout > 0 and not conditional:
+        raise ConfigError(
+            f"training.label_dropout={dropout} needs model.class_conditional=True "
+            "(it drops labels the model is conditioned on)"
+        )
+    if w < 0:
+        raise ConfigError(f"sampling.guidance_weight={w} must be >= 0 (0 = no guidance)")
+    if w > 0 and not (conditional and dropout > 0):
+        raise ConfigError(
+            f"sampling.guidance_weight={w} needs model.class_conditional=True and "
+            "training.label_dropout > 0: guidance uses the unconditional score that the "
+            "null label learns only under label dropout"
+        )
+    if values["sampling.class_label"] < -1:
+        raise ConfigError(
+            f"sampling.class_label={values['sampling.class_label']} must be -1 (classes in "
+            "turn) or a label >= 0"
+        )
+    if values["sampling.class_label"] >= 0 and not conditional:
+        raise ConfigError(
+            f"sampling.class_label={values['sampling.class_label']} needs "
+            "model.class_conditional=True"
+        )
 
 
 # -- the run's resolved config ------------------------------------------------------------

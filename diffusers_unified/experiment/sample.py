@@ -1,4 +1,4 @@
-"""`--mode=sample` and `--mode=eval`: restore the EMA parameters, sample, measure.
+"""`--mode=sample`: restore the EMA parameters, sample, and the sample metric used by eval.
 
 Samples are written in numbered shards, each atomically, so a killed run
 resumes where it stopped and a finished one is bit-identical to an
@@ -7,6 +7,7 @@ uninterrupted run; then concatenated into samples.npz with a figure.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -15,11 +16,11 @@ import os
 import jax
 import numpy as np
 
-from diffusers_unified.errors import CheckpointError
+from diffusers_unified.errors import CheckpointError, ConfigError
 from diffusers_unified.experiment import build
 from diffusers_unified.experiment.figures import save_npz, save_samples_figure
 from diffusers_unified.experiment.train import Run, build_run
-from diffusers_unified.experiment.workdir import Workdir, atomic_write
+from diffusers_unified.experiment.workdir import Workdir
 from diffusers_unified.metrics import sliced_wasserstein
 from diffusers_unified.training.checkpoints import CheckpointManager
 
@@ -42,6 +43,33 @@ def restore(run: Run, wd: Workdir, checkpoint: str = "latest", on_corrupt: str =
     return int(state.step), state
 
 
+def sampler_tag(config) -> str:
+    """A short hash of everything that decides the samples but their number."""
+    sampling = {k: v for k, v in config.sampling.items() if k != "num_samples"}
+    keep = {"seed": config.seed, "process": config.process.to_dict(), "sampling": sampling}
+    keep["model"] = config.model.to_dict()
+    text = json.dumps(keep, sort_keys=True, default=list)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def sample_labels(run: Run, start: int, n: int):
+    """Labels of samples start ... start + n - 1: sampling.class_label, or classes in turn.
+
+    None for an unconditional model.
+    """
+    if not run.config.model.class_conditional:
+        return None
+    k, label = run.dataset.num_classes, run.config.sampling.class_label
+    if label >= k:
+        raise ConfigError(
+            f"sampling.class_label={label}, but dataset {run.dataset.name!r} has "
+            f"{k} classes (0 ... {k - 1})"
+        )
+    if label >= 0:
+        return jax.numpy.full((n,), label, jax.numpy.int32)
+    return jax.numpy.arange(start, start + n, dtype=jax.numpy.int32) % k
+
+
 def draw(run: Run, params, n: int, key, out_dir: str | None = None):
     """n samples in shards of sampling.batch_size; shards already on disk are reused.
 
@@ -50,6 +78,8 @@ def draw(run: Run, params, n: int, key, out_dir: str | None = None):
     """
     batch = run.config.sampling.batch_size
     if out_dir is not None:
+        # One folder per sampler setting: shards of another sampler must never be reused.
+        out_dir = os.path.join(out_dir, sampler_tag(run.config))
         os.makedirs(out_dir, exist_ok=True)
     xs, ys, nfe = [], [], 0
     for i in range(math.ceil(n / batch)):
@@ -60,9 +90,7 @@ def draw(run: Run, params, n: int, key, out_dir: str | None = None):
                 ys.append(shard["labels"] if "labels" in shard else None)
                 nfe = int(shard["nfe"])
             continue
-        y = None
-        if run.config.model.class_conditional:
-            y = jax.numpy.arange(i * batch, (i + 1) * batch) % run.dataset.num_classes
+        y = sample_labels(run, i * batch, batch)
         out = run.sample(jax.random.fold_in(key, i), params, batch, y)
         x = np.asarray(jax.device_get(out.samples))
         nfe = int(out.nfe)
@@ -131,25 +159,3 @@ def sample_metrics(run: Run, samples: np.ndarray, seed: int, splits: int = 8) ->
         "sw_over_floor": sw / floor,
         "sw_examples": h,
     }
-
-
-def evaluate(config, workdir: str, checkpoint: str = "latest", on_corrupt: str = "raise") -> dict:
-    wd = Workdir(workdir)
-    run = build_run(config)
-    step, state = restore(run, wd, checkpoint, on_corrupt)
-    wd.start_logging("eval", None)
-    os.makedirs(wd.eval, exist_ok=True)
-    key = jax.random.fold_in(jax.random.PRNGKey(config.seed), SAMPLE_STREAM + 1 + step)
-    shards = os.path.join(wd.eval, f"step_{step}_shards")
-    os.makedirs(shards, exist_ok=True)
-    x, _, nfe = draw(run, state.ema_params, config.eval.num_samples, key, shards)
-    result = {
-        "step": step,
-        "sampler": build.describe_sampler(config),
-        "nfe": nfe,
-        **sample_metrics(run, x, config.seed),
-    }
-    path = os.path.join(wd.eval, f"step_{step}.json")
-    atomic_write(path, json.dumps(result, indent=2, sort_keys=True) + "\n")
-    logger.info("eval at step %d: %s", step, json.dumps(result, sort_keys=True))
-    return result
