@@ -14,9 +14,8 @@ import math
 import os
 import shutil
 
-import pytest
-
 import launcher_util as lu
+import pytest
 
 EVAL_TINY = lu.CONFIGS / "eval_tiny.py"
 

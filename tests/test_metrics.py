@@ -30,7 +30,9 @@ def test_mmd_is_unbiased_for_the_closed_form_on_gaussians():
     )
     values = [
         float(
-            metrics.mmd(gaussian(i, 400, 0.0, 1.0, dim), gaussian(100 + i, 400, m, s, dim), bandwidths)
+            metrics.mmd(
+                gaussian(i, 400, 0.0, 1.0, dim), gaussian(100 + i, 400, m, s, dim), bandwidths
+            )
         )
         for i in range(30)
     ]
