@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import os
+import time
 
 import jax
 import numpy as np
@@ -70,11 +71,13 @@ def sample_labels(run: Run, start: int, n: int):
     return jax.numpy.arange(start, start + n, dtype=jax.numpy.int32) % k
 
 
-def draw(run: Run, params, n: int, key, out_dir: str | None = None):
+def draw(run: Run, params, n: int, key, out_dir: str | None = None, seconds=None):
     """n samples in shards of sampling.batch_size; shards already on disk are reused.
 
     Returns (samples, labels or None, NFE per sample). Shard i uses
     fold_in(key, i), so the result does not depend on where a run stopped.
+    `seconds`, a list, receives each drawn shard's wall time (the first one
+    includes compiling the sampler).
     """
     batch = run.config.sampling.batch_size
     if out_dir is not None:
@@ -91,8 +94,11 @@ def draw(run: Run, params, n: int, key, out_dir: str | None = None):
                 nfe = int(shard["nfe"])
             continue
         y = sample_labels(run, i * batch, batch)
+        start = time.perf_counter()
         out = run.sample(jax.random.fold_in(key, i), params, batch, y)
         x = np.asarray(jax.device_get(out.samples))
+        if seconds is not None:
+            seconds.append(time.perf_counter() - start)
         nfe = int(out.nfe)
         labels = None if y is None else np.asarray(y)
         if path:
@@ -127,7 +133,14 @@ def sample(config, workdir: str, checkpoint: str = "latest", on_corrupt: str = "
         reference,
         title=f"step {step}, {build.describe_sampler(config)}",
     )
-    logger.info("wrote %d samples (NFE %d each) to %s and %s", n, nfe, path, figure)
+    logger.info(
+        "wrote %d samples of %s (NFE %d each) to %s and %s",
+        n,
+        build.describe_sampler(config),
+        nfe,
+        path,
+        figure,
+    )
     return path
 
 

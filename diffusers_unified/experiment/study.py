@@ -46,6 +46,11 @@ class Study:
     description: str = ""
     # Optional hook: (variant config, sampler label, sampler overrides) -> overrides or None to skip
     adapt_sampler: Callable | None = None
+    # Held-out likelihood per variant (eval.likelihood's choices: "ode", "bound", "all"), or "none"
+    likelihood: str = "none"
+    # (x column, y column) of a line plot, one line per variant and sampler family (the
+    # sampler label up to "/"), written to plot.png; e.g. ("nfe", "sw_over_floor")
+    plot: tuple[str, str] | None = None
 
 
 def grid(**axes) -> list[tuple[str, dict]]:
@@ -120,6 +125,7 @@ def run_variant(name: str, config, study: Study, root: str) -> dict:
     train.train(config, vdir)
     train_seconds = time.perf_counter() - start
     wd = Workdir(vdir)
+    likelihood = variant_likelihood(config, study.likelihood, wd)
     rows = []
     for label, overrides in study.samplers.items():
         if study.adapt_sampler is not None:
@@ -131,11 +137,14 @@ def run_variant(name: str, config, study: Study, root: str) -> dict:
         step, state = sample.restore(run, wd)
         key = jax.random.fold_in(jax.random.PRNGKey(config.seed), sample.SAMPLE_STREAM + step)
         n = sconfig.eval.num_samples
-        jax.block_until_ready(run.sample(key, state.ema_params, sconfig.sampling.batch_size))
-        t0 = time.perf_counter()  # timed after a warm-up draw: sampling, not compiling
-        x, _, nfe = sample.draw(run, state.ema_params, n, key)
-        seconds = time.perf_counter() - t0
+        seconds = []  # per shard; the first one includes compiling the sampler
+        x, _, nfe = sample.draw(run, state.ema_params, n, key, seconds=seconds)
+        # Sampling time for n samples: from the shards after the first when there are
+        # any (compile-free), else the one shard, compile included.
+        steady = seconds[1:] or seconds
+        seconds = float(np.mean(steady)) * len(seconds)
         metrics = sample.sample_metrics(run, x, config.seed)
+        metrics.update(likelihood)
         samples_path = os.path.join(vdir, f"samples_{_dirname(label)}.npy")
         np.save(samples_path, x[:2000])
         rows.append(
@@ -148,6 +157,8 @@ def run_variant(name: str, config, study: Study, root: str) -> dict:
                 "train_seconds": train_seconds,
                 "step": step,
                 "samples": os.path.relpath(samples_path, root),
+                # the sampler's own settings as columns (e.g. snr, num_steps), for plots
+                **{k.split(".")[-1]: v for k, v in overrides.items()},
                 **metrics,
             }
         )
@@ -162,6 +173,23 @@ def run_variant(name: str, config, study: Study, root: str) -> dict:
     result = {"variant": name, "rows": rows}
     atomic_write(results_path, json.dumps(result, indent=2, sort_keys=True) + "\n")
     return result
+
+
+def variant_likelihood(config, kind: str, wd: Workdir) -> dict:
+    """The held-out likelihood figures of a trained variant (as `--mode=eval` reports them)."""
+    if kind == "none":
+        return {}
+    from diffusers_unified.experiment import evaluate, sample, train
+
+    config = apply_overrides(config, {"eval.likelihood": kind}, "the study's likelihood")
+    run = train.build_run(config)
+    step, state = sample.restore(run, wd)
+    key = jax.random.fold_in(jax.random.PRNGKey(config.seed), evaluate.LIKELIHOOD_STREAM + step)
+    parts = os.path.join(wd.eval, f"step_{step}_parts")
+    out = {}
+    for k in evaluate.likelihood_kinds(config, run):
+        out.update(evaluate.held_out_likelihood(run, state.ema_params, k, key, parts))
+    return out
 
 
 def _dirname(name: str) -> str:
@@ -199,6 +227,9 @@ COLUMNS = (
     "sliced_wasserstein",
     "sw_noise_floor",
     "sw_over_floor",
+    "ode_nll_nats",
+    "data_nll_nats",
+    "ode_bpd",
     "train_seconds",
     "sample_seconds",
 )
@@ -227,7 +258,42 @@ def write_results(study: Study, rows: list[dict], workdir: str) -> None:
     lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
     atomic_write(os.path.join(workdir, "results.md"), "\n".join(lines) + "\n")
     figure_of_samples(rows, workdir, os.path.join(workdir, "samples.png"))
+    if study.plot is not None:
+        line_plot(rows, *study.plot, os.path.join(workdir, "plot.png"), study.name)
     print("\n".join(lines))
+
+
+def line_plot(rows: list[dict], x: str, y: str, path: str, title: str) -> None:
+    """y against x (log-log), one line per variant and sampler family."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lines: dict[str, list[tuple[float, float]]] = {}
+    levels: dict[str, float] = {}  # rows without an x value: horizontal reference lines
+    for r in rows:
+        family = r["sampler"].split("/")[0]
+        label = family if len({q["variant"] for q in rows}) == 1 else f"{r['variant']}, {family}"
+        if r.get(x) is None:
+            levels[label] = float(r[y])
+        else:
+            lines.setdefault(label, []).append((float(r[x]), float(r[y])))
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for label, points in lines.items():
+        points.sort()
+        ax.plot(*zip(*points, strict=True), marker="o", ms=3, label=label)
+    for label, level in levels.items():
+        ax.axhline(level, color="black", lw=1.0, label=label)
+    ax.set(xscale="log", yscale="log", xlabel=x, ylabel=y, title=title)
+    if y == "sw_over_floor":
+        ax.axhline(1.0, color="gray", lw=0.8, ls="--")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    tmp = f"{path}.tmp-{os.getpid()}.png"
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
 
 
 def figure_of_samples(rows: list[dict], workdir: str, path: str) -> None:
