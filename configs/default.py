@@ -90,7 +90,7 @@ def get_config():
 
     # -- sampling --------------------------------------------------------------------
     config.sampling = sampling = ml_collections.ConfigDict()
-    sampling.method = "pc"  # ancestral | ddim | ald | pc | ode
+    sampling.method = "pc"  # ancestral | ddim | ald | pc | ode | dpm_solver | edm_heun
     sampling.predictor = (
         "euler_maruyama"  # pc: none | euler_maruyama | reverse_diffusion | ancestral
     )

@@ -67,6 +67,23 @@ def vesde(config):
     return config
 
 
+def ncsnv2_noise_scales(config, levels: bool = True):
+    """Noise scales from the training data, by NCSNv2's techniques (Song and Ermon 2020).
+
+    0 means "auto" for these keys: the launcher sets process.sigma_max to the
+    largest pairwise distance of the training data (technique 1); if `levels`,
+    process.num_scales to the fewest geometric levels down to sigma_min whose
+    neighbours overlap (technique 2, for data of 5 or more dimensions); and
+    sampling.step_size to annealed Langevin's step for sampling.n_steps_each
+    steps per level (technique 4). See diffusers_unified/noise_scales.py.
+    """
+    config.process.sigma_max = 0  # auto
+    if levels:
+        config.process.num_scales = 0  # auto
+    config.sampling.step_size = 0  # auto
+    return config
+
+
 def toy2d(config):
     """A 2-D toy set and the MLP; sigma_max = 5 is about the data's largest pairwise
     distance (NCSNv2's technique 1) for NCSN, and a safe prior scale for the VE SDE."""
@@ -97,7 +114,7 @@ def digits(config):
     config.training.snapshot_freq = 2_000
     config.optim.lr = 2e-4
     config.optim.warmup = 500
-    config.process.sigma_max = 20.0  # largest pairwise distance of the [-1, 1] digits is ~17
+    config.process.sigma_max = 20.0  # the [-1, 1] digits: largest pairwise distance 9.8
     config.sampling.num_samples = 256
     config.sampling.batch_size = 256
     config.eval.num_samples = 256

@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffusers_unified.processes import DDPM, Process
-from diffusers_unified.samplers.ode import ADAPTIVE, FIXED_STEP, ode_drift
+from diffusers_unified.samplers.ode import ADAPTIVE, FIXED_STEP, adaptive_solver, ode_drift
 from diffusers_unified.typing import Array, PRNGKey, ScoreFn
 
 DIVERGENCES = ("exact", "hutchinson")
@@ -144,7 +144,7 @@ def ode_log_likelihood(
     if method in ADAPTIVE:
         solution = diffrax.diffeqsolve(
             diffrax.ODETerm(augmented),
-            ADAPTIVE[method](),
+            adaptive_solver(method),
             t0=t0,
             t1=process.T,
             dt0=None,

@@ -12,6 +12,7 @@ import dataclasses
 import fcntl
 import json
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -83,7 +84,7 @@ def run(
     **env_vars,
 ) -> Result:
     """Runs the launcher to completion (or `timeout` seconds) and returns what it did."""
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), _children_cpu()
     proc = subprocess.run(
         command(workdir, *args, config=config, mode=mode, python_args=python_args),
         cwd=REPO,
@@ -92,7 +93,17 @@ def run(
         text=True,
         timeout=timeout,
     )
-    return Result(proc.returncode, proc.stdout, proc.stderr, time.perf_counter() - start)
+    result = Result(proc.returncode, proc.stdout, proc.stderr, time.perf_counter() - start)
+    if os.environ.get("DU_TEST_RUN_LOG"):  # a line per launcher run: wall and CPU seconds
+        test = os.environ.get("PYTEST_CURRENT_TEST", "?").split(" ")[0]
+        with open(os.environ["DU_TEST_RUN_LOG"], "a") as f:
+            f.write(f"{test}\t{mode}\t{result.seconds:.2f}\t{_children_cpu() - cpu:.2f}\n")
+    return result
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def start(workdir, *args, stderr_path, config=CI_TINY, mode="train", devices=1, **env_vars):

@@ -8,6 +8,8 @@ basis, and its score, log density and inverse cost O(d^2) per component.
 
 Use `mixture.score_fn(process)` as an exact score function for any sampler,
 `mixture.sample` for exact samples, and `mixture.log_prob` for exact densities.
+Read as a labelled data set (class k = component k), `mixture.score_fn(process,
+y=labels)` is the exact class-conditional score: each example's component's.
 """
 
 from __future__ import annotations
@@ -132,6 +134,12 @@ class GaussianMixture(struct.PyTreeNode):
         weighted = (resp[..., None] * whitened).reshape(x.shape[0], -1)
         return -weighted @ self._stacked_eigvecs().T
 
+    def component_score(self, x: Array, labels: Array, alpha=1.0, sigma=0.0) -> Array:
+        """grad_x log N(x; alpha mu_k, alpha^2 S_k + sigma^2 I) with k = labels (n,) per row."""
+        _, whitened = self._components(x, alpha, sigma)
+        mine = jnp.take_along_axis(whitened, labels[:, None, None], axis=1)[:, 0]  # (n, d)
+        return -jnp.einsum("nij,nj->ni", self.eigvecs[labels], mine)
+
     def responsibilities(self, x: Array, alpha=1.0, sigma=0.0) -> Array:
         """p(component k | x_t = x), shaped (n, K)."""
         log_joint, _ = self._components(x, alpha, sigma)
@@ -141,21 +149,32 @@ class GaussianMixture(struct.PyTreeNode):
         """The most probable component of each clean sample (n,)."""
         return jnp.argmax(self.responsibilities(x), axis=-1)
 
-    def score_fn(self, process) -> ExactScore:
-        """The exact score of this mixture under `process`, as a sampler's score function."""
-        return ExactScore(self, process)
+    def score_fn(self, process, y: Array | None = None) -> ExactScore:
+        """The exact score of this mixture under `process`, as a sampler's score function.
+
+        With labels `y` (batch,), the class-conditional score of component y[i]
+        for example i.
+        """
+        return ExactScore(self, None if y is None else jnp.asarray(y, jnp.int32), process)
 
 
 class ExactScore(struct.PyTreeNode):
-    """score_fn(x, t) of a Gaussian mixture perturbed by a process; any x shape (batch, ...)."""
+    """score_fn(x, t) of a Gaussian mixture perturbed by a process; any x shape (batch, ...).
+
+    With labels `y`, the score of each example's own component (class k =
+    component k), i.e. grad log p_t(x | y).
+    """
 
     mixture: GaussianMixture
-    process: object = struct.field(pytree_node=False)
+    y: Array | None = None
+    process: object = struct.field(pytree_node=False, default=None)
 
     def __call__(self, x: Array, t: Array) -> Array:
         alpha, sigma = self.process.alpha_sigma(t)
         flat = x.reshape(x.shape[0], -1)
-        return self.mixture.score(flat, alpha, sigma).reshape(x.shape)
+        if self.y is None:
+            return self.mixture.score(flat, alpha, sigma).reshape(x.shape)
+        return self.mixture.component_score(flat, self.y, alpha, sigma).reshape(x.shape)
 
 
 def example_mixture(dim: int = 2, seed: int = 0) -> GaussianMixture:

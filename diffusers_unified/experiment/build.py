@@ -7,11 +7,15 @@ The tables are the only place where a config name meets a class or function;
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Callable
 
-from diffusers_unified import losses, samplers
+import ml_collections
+
+from diffusers_unified import losses, noise_scales, samplers
 from diffusers_unified.data import datasets
 from diffusers_unified.errors import ConfigError
+from diffusers_unified.experiment import config as config_lib
 from diffusers_unified.nets import MLP, NetApply, UNet
 from diffusers_unified.processes import DDPM, NCSN, VESDE, VPSDE, Process, SubVPSDE
 
@@ -26,11 +30,70 @@ PROCESSES: dict[str, Callable] = {
 }
 
 
-def process(config) -> Process:
+logger = logging.getLogger("diffusers_unified")
+
+
+def process(config, ds: datasets.Dataset | None = None) -> Process:
+    """The config's process; AUTO noise scales come from `ds` (loaded if not given)."""
+    config = resolve_auto(config, ds)
     try:
         return PROCESSES[config.process.name](config.process)
     except ValueError as e:
         raise ConfigError(f"process section: {e}") from e
+
+
+_AUTO_CACHE: dict[tuple, noise_scales.NoiseScales] = {}
+
+
+def resolve_auto(config, ds: datasets.Dataset | None = None):
+    """The config with its AUTO (0) noise-scale keys computed from the training data.
+
+    process.sigma_max, process.num_scales and sampling.step_size at 0 get
+    NCSNv2's techniques 1, 2 and 4 (`noise_scales.suggest_noise_scales`, on
+    the training split in model units; the step size for the levels the
+    sampler visits and sampling.n_steps_each steps per level, in
+    annealed_langevin's convention). Deterministic, so a resumed run or a
+    sample run gets the same values; computed once per data and noise
+    settings. Returns `config` itself when nothing is AUTO, else a copy.
+    """
+    auto = config_lib.auto_keys(config)
+    if not auto:
+        return config
+    p, s = config.process, config.sampling
+    cache_key = (config_lib.to_json(config.data), config.seed, p.name, p.sigma_min, p.sigma_max,
+                 p.num_scales, s.num_steps, s.n_steps_each)  # fmt: skip
+    if cache_key not in _AUTO_CACHE:
+        x, _ = (dataset(config) if ds is None else ds).model_data("train")
+        try:
+            found = noise_scales.suggest_noise_scales(
+                x,
+                num_steps_each=s.n_steps_each,
+                sigma_min=p.sigma_min,
+                sigma_max=p.sigma_max or None,
+                num_scales=p.num_scales or None,
+                seed=config.seed,
+            )
+            # The step size for the levels the sampler visits (a subset when num_steps is set).
+            levels = s.num_steps or found.num_scales
+            gamma = (found.sigma_max / p.sigma_min) ** (1.0 / max(levels - 1, 1))
+            step = noise_scales.step_size_for(gamma, p.sigma_min, s.n_steps_each)
+        except ValueError as e:
+            raise ConfigError(f"{', '.join(k + '=0' for k in auto)} (auto): {e}") from e
+        _AUTO_CACHE[cache_key] = found._replace(step_size=step, gamma=gamma)
+        logger.info(
+            "NCSNv2 noise scales from %d training examples: sigma_max=%.4g, num_scales=%d, "
+            "step_size=%.4g (for %d steps per level); auto keys: %s",
+            len(x), found.sigma_max, found.num_scales, step, s.n_steps_each, ", ".join(auto),
+        )  # fmt: skip
+    found = _AUTO_CACHE[cache_key]
+    resolved = ml_collections.ConfigDict(config.to_dict())
+    if p.sigma_max == config_lib.AUTO:
+        resolved.process.sigma_max = found.sigma_max
+    if p.num_scales == config_lib.AUTO:
+        resolved.process.num_scales = found.num_scales
+    if s.step_size == config_lib.AUTO:
+        resolved.sampling.step_size = found.step_size
+    return resolved
 
 
 DATASETS: dict[str, Callable] = {
@@ -119,7 +182,12 @@ LOSSES: dict[str, Callable] = {
 
 
 def loss(config, proc: Process, net: NetApply):
-    return LOSSES[config.training.loss](config.training, proc, net, config.model.parametrization)
+    """The config's loss; with training.label_dropout, labels dropped to the net's null label."""
+    fn = LOSSES[config.training.loss](config.training, proc, net, config.model.parametrization)
+    null_label = getattr(net.module, "num_classes", None)
+    if config.training.label_dropout > 0 and null_label is not None:
+        fn = losses.with_label_dropout(fn, config.training.label_dropout, null_label)
+    return fn
 
 
 PREDICTORS: dict[str, Callable] = {
@@ -161,12 +229,20 @@ SAMPLERS: dict[str, Callable] = {
         atol=s.atol,
         denoise=s.denoise,
     ),
+    # num_steps 0 gives their papers' defaults: 20 grid points, 18 levels (35 NFE).
+    "dpm_solver": lambda s, n: functools.partial(
+        samplers.dpm_solver, num_steps=n, denoise=s.denoise
+    ),
+    "edm_heun": lambda s, n: functools.partial(samplers.edm_heun, num_steps=n),
 }
 
 
-def sampler(config) -> Callable:
-    """`(key, score_fn, process, shape) -> SamplerOutput` with the config's options bound."""
-    s = config.sampling
+def sampler(config, ds: datasets.Dataset | None = None) -> Callable:
+    """`(key, score_fn, process, shape) -> SamplerOutput` with the config's options bound.
+
+    An AUTO sampling.step_size comes from `ds` (loaded if not given), see `resolve_auto`.
+    """
+    s = resolve_auto(config, ds).sampling
     try:
         return SAMPLERS[s.method](s, s.num_steps or None)
     except ValueError as e:

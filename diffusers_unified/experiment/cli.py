@@ -150,6 +150,7 @@ def main(argv) -> None:
     try:
         config = resolve_config(FLAGS.workdir)
         config_lib.check_against_schema(config)
+        config_lib.check_values(config)  # every rule but the device count's, before JAX starts
         initialise_distributed(config)
         import jax
 

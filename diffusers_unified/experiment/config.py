@@ -121,7 +121,7 @@ CHOICES = {
     "training.weighting": ("sigma2", "likelihood"),
     "training.reduce": ("mean", "sum"),
     "optim.optimizer": ("adam", "adamw"),
-    "sampling.method": ("ancestral", "ddim", "ald", "pc", "ode"),
+    "sampling.method": ("ancestral", "ddim", "ald", "pc", "ode", "dpm_solver", "edm_heun"),
     "sampling.predictor": ("none", "euler_maruyama", "reverse_diffusion", "ancestral", "ddim"),
     "sampling.corrector": ("none", "langevin", "ald"),
     "sampling.variance": ("small", "large"),
@@ -183,22 +183,40 @@ UNIT_INTERVAL = (
     "sampling.eta",
     "training.label_dropout",
 )
+# Noise-scale keys that may say AUTO (0): the launcher then computes them from the
+# training data with NCSNv2's techniques 1, 2 and 4 (`diffusers_unified.noise_scales`),
+# for the variance-exploding processes.
+AUTO = 0
+AUTO_KEYS = ("process.sigma_max", "process.num_scales", "sampling.step_size")
+AUTO_PROCESSES = ("ncsn", "vesde")
+
+
+def auto_keys(config) -> list[str]:
+    """The AUTO_KEYS that the config leaves to be computed from the data."""
+    values = dict(flatten(config))
+    return [key for key in AUTO_KEYS if values[key] == AUTO]
 
 
 def check_values(config, device_count: int | None = None) -> None:
     """Names, signs, ranges and the rules that tie keys together."""
     values = dict(flatten(config))
+    auto = auto_keys(config)
+    if auto and values["process.name"] not in AUTO_PROCESSES:
+        raise ConfigError(
+            f"{', '.join(f'{k}=0' for k in auto)} (auto: NCSNv2's noise scales from the data) "
+            f"needs process.name in {', '.join(AUTO_PROCESSES)}, got {values['process.name']!r}"
+        )
     for key, valid in CHOICES.items():
         if values[key] not in valid:
             raise ConfigError(f"{key}={values[key]!r} is not one of: {', '.join(valid)}")
     for key in POSITIVE_INTS:
-        if values[key] <= 0:
+        if values[key] <= 0 and key not in auto:
             raise ConfigError(f"{key}={values[key]} must be a positive integer")
     for key in NON_NEGATIVE_INTS:
         if values[key] < 0:
             raise ConfigError(f"{key}={values[key]} must be >= 0")
     for key in POSITIVE_FLOATS:
-        if not values[key] > 0:
+        if not values[key] > 0 and key not in auto:
             raise ConfigError(f"{key}={values[key]} must be > 0")
     for key in UNIT_INTERVAL:
         if not 0.0 <= values[key] <= 1.0 or (key == "model.ema_rate" and values[key] == 1.0):
@@ -208,7 +226,10 @@ def check_values(config, device_count: int | None = None) -> None:
             f"process.beta_min={values['process.beta_min']} must be in [0, process.beta_max="
             f"{values['process.beta_max']})"
         )
-    if values["process.sigma_min"] >= values["process.sigma_max"]:
+    if (
+        values["process.sigma_min"] >= values["process.sigma_max"]
+        and "process.sigma_max" not in auto
+    ):
         raise ConfigError(
             f"process.sigma_min={values['process.sigma_min']} must be below process.sigma_max="
             f"{values['process.sigma_max']}"

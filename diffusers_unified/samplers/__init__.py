@@ -5,6 +5,13 @@ Each is compiled once per shape and option setting; its whole loop is one
 """
 
 from diffusers_unified.samplers.common import SamplerOutput, resolve_grid, tweedie_denoise
+from diffusers_unified.samplers.conditioning import (
+    Inpainting,
+    Projection,
+    colorization,
+    inpainting,
+)
+from diffusers_unified.samplers.fast import dpm_solver, edm_heun
 from diffusers_unified.samplers.ode import probability_flow
 from diffusers_unified.samplers.pc import (
     DDIM,
@@ -26,14 +33,20 @@ __all__ = [
     "Ancestral",
     "AnnealedLangevin",
     "EulerMaruyama",
+    "Inpainting",
     "Langevin",
     "NoCorrector",
     "NoPredictor",
+    "Projection",
     "ReverseDiffusion",
     "SamplerOutput",
     "ancestral",
     "annealed_langevin",
+    "colorization",
     "ddim",
+    "dpm_solver",
+    "edm_heun",
+    "inpainting",
     "predictor_corrector",
     "probability_flow",
     "resolve_grid",

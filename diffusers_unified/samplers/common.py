@@ -32,19 +32,26 @@ def as_pytree(score_fn: ScoreFn) -> ScoreFn:
     return score_fn
 
 
+# Keyword-only options that are pytrees of arrays, traced rather than static:
+# a projection (`samplers.conditioning`) carries the known data.
+TRACED_OPTIONS = ("project",)
+
+
 def jitted_sampler(fn):
     """Compiles a sampler `fn(key, score_fn, process, shape, *, **options)` once per setting.
 
     The shape and every keyword-only option are static (an explicit `grid` is
-    turned into a tuple); the key and the score function's arrays are traced.
-    The undecorated function stays reachable as `.raw`.
+    turned into a tuple), except those in `TRACED_OPTIONS`; the key, the score
+    function's arrays and a projection's arrays are traced. The undecorated
+    function stays reachable as `.raw`.
     """
     options = [
         name
         for name, p in inspect.signature(fn).parameters.items()
         if p.kind is inspect.Parameter.KEYWORD_ONLY
     ]
-    jitted = jax.jit(fn, static_argnames=("shape", *options))
+    static = [name for name in options if name not in TRACED_OPTIONS]
+    jitted = jax.jit(fn, static_argnames=("shape", *static))
 
     @functools.wraps(fn)
     def wrapper(key, score_fn, process, shape, **kwargs):
@@ -56,10 +63,22 @@ def jitted_sampler(fn):
             )
         if kwargs.get("grid") is not None:
             kwargs["grid"] = tuple(float(t) for t in np.asarray(kwargs["grid"]).ravel())
+        if kwargs.get("project") is not None:
+            check_projection(kwargs["project"])
         return jitted(key, as_pytree(score_fn), process, tuple(int(d) for d in shape), **kwargs)
 
     wrapper.raw = fn
     return wrapper
+
+
+def check_projection(project) -> None:
+    """A projection must be a pytree with `__call__(key, x, t)` and `clean(x)`."""
+    is_leaf = jax.tree_util.treedef_is_leaf(jax.tree_util.tree_structure(project))
+    if is_leaf or not callable(project) or not callable(getattr(project, "clean", None)):
+        raise TypeError(
+            "project must be a pytree with __call__(key, x, t) -> x and clean(x) -> x "
+            f"(see samplers.conditioning, e.g. inpainting(...)), got {type(project).__name__}"
+        )
 
 
 def resolve_grid(process: Process, num_steps: int | None, grid) -> np.ndarray:

@@ -6,9 +6,11 @@ corrector", DDIM is "DDIM predictor, no corrector", and annealed Langevin
 dynamics (NCSN) is "no predictor, annealed Langevin corrector".
 
 Predictors are called as `predictor(key, score_fn, process, x, t, s) -> x`
-and correctors as `corrector(key, score_fn, process, x, t) -> x`, with scalar
-times; each declares `nfe`, its number of score evaluations per call. They are
-frozen dataclasses, so that they can be static arguments of `jax.jit`.
+and correctors as `corrector(key, score_fn, process, x, t, project=None) ->
+x`, with scalar times; each declares `nfe`, its number of score evaluations
+per call. A corrector given a projection (`samplers.conditioning`) applies it
+after each of its MCMC steps. They are frozen dataclasses, so that they can
+be static arguments of `jax.jit`.
 """
 
 from __future__ import annotations
@@ -46,12 +48,18 @@ class NoPredictor:
 
 @dataclasses.dataclass(frozen=True)
 class EulerMaruyama:
-    """One Euler-Maruyama step of the reverse SDE from t to s (Song et al. 2021, eq. 6)."""
+    """One Euler-Maruyama step of the reverse SDE from t to s (Song et al. 2021, eq. 6).
 
+    With `probability_flow`, one Euler step of the probability-flow ODE (eq. 13)
+    instead, as the score SDE code's predictors allow: with a corrector, an
+    ODE predictor whose marginals Langevin steps correct.
+    """
+
+    probability_flow: bool = False
     nfe: ClassVar[int] = 1
 
     def __call__(self, key, score_fn, process, x, t, s):
-        drift, diffusion = reverse_sde(process, score_fn)(x, t)
+        drift, diffusion = reverse_sde(process, score_fn, self.probability_flow)(x, t)
         dt = s - t
         z = jax.random.normal(key, x.shape)
         return x + drift * dt + batch_broadcast(diffusion, x) * jnp.sqrt(-dt) * z
@@ -142,18 +150,24 @@ class DDIM:
 class NoCorrector:
     nfe: ClassVar[int] = 0
 
-    def __call__(self, key, score_fn, process, x, t):
+    def __call__(self, key, score_fn, process, x, t, project=None):
         return x
 
 
-def _langevin(key, score_fn, x, t, n_steps, step_size_fn):
-    """n_steps of x <- x + h grad + sqrt(2 h) z, with h = step_size_fn(grad, z)."""
+def _langevin(key, score_fn, x, t, n_steps, step_size_fn, project=None):
+    """n_steps of x <- x + h grad + sqrt(2 h) z, with h = step_size_fn(grad, z).
+
+    With a projection, each step is followed by `project(key, x, t)`, as in
+    the inpainting algorithm of Song and Ermon (2019).
+    """
 
     def body(i, x):
         grad = score_fn(x, t)
-        z = jax.random.normal(jax.random.fold_in(key, i), x.shape)
+        key_i = jax.random.fold_in(key, i)
+        z = jax.random.normal(key_i, x.shape)
         h = step_size_fn(grad, z)
-        return x + h * grad + jnp.sqrt(2.0 * h) * z
+        x = x + h * grad + jnp.sqrt(2.0 * h) * z
+        return x if project is None else project(jax.random.fold_in(key_i, 1), x, t)
 
     return jax.lax.fori_loop(0, n_steps, body, x)
 
@@ -181,14 +195,14 @@ class Langevin:
     def nfe(self) -> int:
         return self.n_steps
 
-    def __call__(self, key, score_fn, process, x, t):
+    def __call__(self, key, score_fn, process, x, t, project=None):
         alpha = _alpha_factor(process, t)
 
         def step_size(grad, z):
             norm = lambda v: jnp.mean(jnp.linalg.norm(v.reshape(v.shape[0], -1), axis=-1))
             return 2.0 * alpha * (self.snr * norm(z) / norm(grad)) ** 2
 
-        return _langevin(key, score_fn, x, t, self.n_steps, step_size)
+        return _langevin(key, score_fn, x, t, self.n_steps, step_size, project)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -208,10 +222,10 @@ class AnnealedLangevin:
     def nfe(self) -> int:
         return self.n_steps
 
-    def __call__(self, key, score_fn, process, x, t):
+    def __call__(self, key, score_fn, process, x, t, project=None):
         _, sigma = process.alpha_sigma(t)
         h = 2.0 * _alpha_factor(process, t) * (self.snr * sigma) ** 2
-        return _langevin(key, score_fn, x, t, self.n_steps, lambda grad, z: h)
+        return _langevin(key, score_fn, x, t, self.n_steps, lambda grad, z: h, project)
 
 
 # -- samplers -----------------------------------------------------------------
@@ -229,6 +243,7 @@ def predictor_corrector(
     num_steps: int | None = None,
     grid=None,
     denoise: bool = True,
+    project=None,
 ) -> SamplerOutput:
     """The predictor-corrector sampler (Song et al. 2021, Alg. 1).
 
@@ -239,23 +254,37 @@ def predictor_corrector(
     (num_steps = process.N by default) unless `grid` is given. Defaults are
     the paper's for VE: reverse diffusion + Langevin (snr 0.16, one step).
     NFE = (n - 1) predictor.nfe + n corrector.nfe + denoise for n grid points.
+    `project` (inpainting, colorization: `samplers.conditioning`) is applied
+    to the prior draw, after every predictor step and every corrector step,
+    and to the denoised output.
     """
     ts = resolve_grid(process, num_steps, grid)
     n = len(ts)
     key_prior, key_loop = jax.random.split(key)
     x = process.prior_sampling(key_prior, shape)
     times = jnp.asarray(ts, jnp.float32)
+    # Correctors without a `project` argument (user-written ones) still work unconditioned.
+    with_project = {} if project is None else {"project": project}
+    if project is not None:
+        x = project(jax.random.fold_in(key_prior, 1), x, times[0])
 
     def step(x, inputs):
         i, t, s = inputs
-        key_c, key_p = jax.random.split(jax.random.fold_in(key_loop, i))
-        x = corrector(key_c, score_fn, process, x, t)
-        return predictor(key_p, score_fn, process, x, t, s), None
+        key_i = jax.random.fold_in(key_loop, i)
+        key_c, key_p = jax.random.split(key_i)
+        x = corrector(key_c, score_fn, process, x, t, **with_project)
+        x = predictor(key_p, score_fn, process, x, t, s)
+        if project is not None:
+            x = project(jax.random.fold_in(key_i, 1), x, s)
+        return x, None
 
     x, _ = jax.lax.scan(step, x, (jnp.arange(n - 1), times[:-1], times[1:]))
-    x = corrector(jax.random.fold_in(key_loop, n - 1), score_fn, process, x, times[-1])
+    key_last = jax.random.fold_in(key_loop, n - 1)
+    x = corrector(key_last, score_fn, process, x, times[-1], **with_project)
     if denoise:
         x = tweedie_denoise(score_fn, process, x, times[-1])
+        if project is not None:
+            x = project.clean(x)
     return SamplerOutput(x, nfe_count((n - 1) * predictor.nfe + n * corrector.nfe + denoise))
 
 
@@ -268,6 +297,7 @@ def ancestral(
     num_steps: int | None = None,
     grid=None,
     variance: str = "small",
+    project=None,
 ) -> SamplerOutput:
     """DDPM ancestral sampling (Ho et al. 2020, Alg. 2): ancestral predictor, no corrector.
 
@@ -275,7 +305,7 @@ def ancestral(
     step for step, its last step (to x_0, without noise) being the final
     Tweedie step; NFE = num_steps. On other processes it is the ancestral
     sampler of the score SDE code. `variance` "small" is beta-tilde, "large"
-    is beta.
+    is beta. `project`: see `predictor_corrector`.
     """
     return predictor_corrector(
         key,
@@ -287,6 +317,7 @@ def ancestral(
         num_steps=num_steps,
         grid=grid,
         denoise=True,
+        project=project,
     )
 
 
@@ -299,6 +330,7 @@ def ddim(
     num_steps: int | None = 100,
     grid=None,
     eta: float = 0.0,
+    project=None,
 ) -> SamplerOutput:
     """DDIM (Song, Meng and Ermon 2021) with stochasticity eta in [0, 1].
 
@@ -306,7 +338,7 @@ def ddim(
     last included (100 by default; DDIM reports 10 ... 1000), or on any
     decreasing `grid` of times (a sub-grid of a discrete process's `times`, for
     example); the last step lands on x0_hat, as DDIM's does. NFE = number of
-    grid points.
+    grid points. `project`: see `predictor_corrector`.
     """
     return predictor_corrector(
         key,
@@ -318,6 +350,7 @@ def ddim(
         num_steps=num_steps,
         grid=grid,
         denoise=True,
+        project=project,
     )
 
 
@@ -332,6 +365,7 @@ def annealed_langevin(
     num_steps: int | None = None,
     grid=None,
     denoise: bool = True,
+    project=None,
 ) -> SamplerOutput:
     """Annealed Langevin dynamics (Song and Ermon 2019, Alg. 1), with NCSNv2's final denoising.
 
@@ -345,7 +379,9 @@ def annealed_langevin(
     NCSNv2's CIFAR-10 choice is step_size 6.2e-6, T = 5 (with sigma_max = 50,
     L = 232 on the process). The NCSN reference code writes the same update
     as x + h score + sqrt(2 h) z with h = step_lr sigma_i^2 / sigma_L^2, so its
-    step_lr is step_size / 2 here.
+    step_lr is step_size / 2 here. `project` after every Langevin step is
+    the inpainting algorithm of Song and Ermon (2019), with a fresh noisy copy
+    of the known data per step rather than one per level.
     """
     ts = resolve_grid(process, num_steps, grid)
     with jax.ensure_compile_time_eval():  # concrete even when traced inside a caller's jit
@@ -369,4 +405,5 @@ def annealed_langevin(
         corrector=corrector,
         grid=tuple(ts),
         denoise=denoise,
+        project=project,
     )

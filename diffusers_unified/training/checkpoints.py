@@ -35,8 +35,10 @@ The state is any pytree of arrays (dicts, lists, NamedTuples such as optax
 states, flax struct dataclasses). Leaves are jax or numpy arrays, numpy scalars,
 Python numbers, or typed PRNG key arrays (stored as their ``key_data`` and
 re-wrapped on restore). The state is copied to host memory before the write, so
-an asynchronous save is unaffected by later updates or buffer donation. Only
-single-process (one host, any number of local devices) use is supported.
+an asynchronous save is unaffected by later updates or buffer donation. A
+manager is used by one process: in a multi-process run one process (the
+launcher's process 0) owns it, and orbax is told that this process alone takes
+part, so that its internal barriers do not wait for the others.
 
 Fault-injection hooks (read from the environment at every save; no effect when
 unset). ``n`` counts the saves this *process* has started (across managers),
@@ -420,7 +422,13 @@ class CheckpointManager:
             )
         self.keep = keep or None
         self.async_save = bool(async_save)
-        self._checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler())
+        me = jax.process_index()
+        self._checkpointer = ocp.Checkpointer(
+            ocp.PyTreeCheckpointHandler(),
+            multiprocessing_options=ocp.options.MultiprocessingOptions(
+                primary_host=me, active_processes={me}
+            ),
+        )
         self._thread: threading.Thread | None = None
         self._pending_step: int | None = None
         self._pending_error: BaseException | None = None

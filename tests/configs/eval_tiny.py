@@ -1,8 +1,9 @@
 """The eval tests' tiny run: DDPM on the 2-D Gaussian mixture (known density), 20 updates.
 
 Evaluation computes both likelihoods (probability-flow ODE with the exact
-divergence and 25 RK4 steps, and the bound of a 100-level DDPM) for 96 held-out examples in batches of 32, so
-an eval has three likelihood parts per kind to be interrupted between.
+divergence and 25 RK4 steps, and the bound of a 100-level DDPM) for 96
+held-out examples in batches of 32, so an eval has three likelihood parts per
+kind to be interrupted between.
 """
 
 from configs import formulations

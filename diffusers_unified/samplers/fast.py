@@ -1,0 +1,289 @@
+"""Few-step deterministic samplers: DPM-Solver++(2M) and EDM's Heun sampler.
+
+Both integrate the probability-flow ODE in the coordinates in which it is
+simplest. With x_t = alpha x_0 + sigma eps, the rescaled y = x / alpha obeys
+
+    dy / d sigma_hat = (y - D(y, sigma_hat)) / sigma_hat,    sigma_hat = sigma / alpha,
+
+with the denoiser D = E[x_0 | x_t] = (x + sigma^2 score(x, t)) / alpha
+(Tweedie): the VE ODE in sigma_hat for every process (Karras et al. 2022,
+sec. 2-3). So both samplers need only `process.alpha_sigma` and the score
+function, and run on VP, sub-VP, VE, DDPM and NCSN processes alike. Their
+grids are placed in sigma_hat, or equivalently in the log-SNR
+lambda = log(alpha / sigma) = -log sigma_hat, and mapped back to times by
+`times_at_log_snr`, once, when the sampler is traced.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from diffusers_unified import schedules
+from diffusers_unified.processes import Process
+from diffusers_unified.samplers.common import (
+    SamplerOutput,
+    jitted_sampler,
+    nfe_count,
+    resolve_grid,
+)
+from diffusers_unified.typing import PRNGKey, ScoreFn
+
+SPACINGS = ("logsnr", "process")
+DPM_SOLVER_STEPS = 20  # grid points when num_steps is None: DPM-Solver's default 20 NFE
+EDM_STEPS = 18  # EDM's N for CIFAR-10 (35 NFE)
+# DPM-Solver's reference code takes the last step at first order for short runs
+# (its docstring and earlier versions: fewer than 15 steps; its current code: 10).
+LOWER_ORDER_FINAL_BELOW = 15
+
+
+def _concrete_alpha_sigma(process: Process, ts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(alpha, sigma) at the times `ts`, as float64 NumPy, computed in the default float type.
+
+    Samplers hand these times to the score function in the default float type
+    (float32, or float64 under `jax.enable_x64`), so the solver coefficients
+    use the very (alpha, sigma) the score function sees.
+    """
+    with jax.ensure_compile_time_eval():  # concrete even inside a caller's trace
+        alpha, sigma = _alpha_sigma(process, jnp.asarray(ts, jnp.result_type(float)))
+        return np.asarray(alpha, np.float64), np.asarray(sigma, np.float64)
+
+
+# One compiled call per process and grid size (processes are static pytrees):
+# evaluated op by op, a process's alpha_sigma costs seconds of tiny compilations.
+_alpha_sigma = jax.jit(lambda process, t: process.alpha_sigma(t))
+
+
+def _grid_alpha_sigma(process: Process, ts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    alpha, sigma = _concrete_alpha_sigma(process, ts)
+    if not np.all(sigma > 0):
+        raise ValueError(
+            f"every grid time needs sigma(t) > 0 (a finite log-SNR); {type(process).__name__} "
+            f"has sigma = 0 at t = {ts[np.argmin(sigma)]}"
+        )
+    return alpha, sigma
+
+
+def log_snr(process: Process, ts) -> np.ndarray:
+    """lambda(t) = log(alpha(t) / sigma(t)) at the times `ts` (float64 NumPy)."""
+    alpha, sigma = _concrete_alpha_sigma(process, np.asarray(ts, np.float64))
+    return np.log(alpha) - np.log(sigma)
+
+
+def times_at_log_snr(process: Process, lambdas, table_size: int = 1 << 16) -> np.ndarray:
+    """The times t in [t_min, T] with lambda(t) = `lambdas` (float64 NumPy).
+
+    lambda(t) decreases strictly for every process of this package, so it is
+    inverted by interpolating one table of lambda on `table_size` evenly
+    spaced times (relative error about 1e-8; the samplers then use the exact
+    (alpha, sigma) of the times found). Values outside [lambda(T),
+    lambda(t_min)] map to the nearer end.
+    """
+    t = np.linspace(process.t_min, process.T, table_size)
+    return np.interp(-np.asarray(lambdas, np.float64), -log_snr(process, t), t)
+
+
+def _dpm_grid(process: Process, num_steps: int | None, grid, spacing: str) -> np.ndarray:
+    if spacing not in SPACINGS:
+        raise ValueError(f"unknown spacing {spacing!r}; valid: {', '.join(SPACINGS)}")
+    if grid is not None or spacing == "process":
+        ts = resolve_grid(process, num_steps, grid)
+    else:
+        num_steps = DPM_SOLVER_STEPS if num_steps is None else num_steps
+        if num_steps < 2:
+            raise ValueError(f"dpm_solver needs num_steps >= 2, got {num_steps}")
+        lam = log_snr(process, [process.T, process.t_min])
+        ts = times_at_log_snr(process, np.linspace(lam[0], lam[1], num_steps))
+        ts[0], ts[-1] = process.T, process.t_min
+    if len(ts) < 2:
+        raise ValueError(f"dpm_solver needs at least 2 grid points, got {len(ts)}")
+    return ts
+
+
+@jitted_sampler
+def dpm_solver(
+    key: PRNGKey,
+    score_fn: ScoreFn,
+    process: Process,
+    shape: tuple[int, ...],
+    *,
+    num_steps: int | None = 20,
+    spacing: str = "logsnr",
+    grid=None,
+    lower_order_final: bool = True,
+    denoise: bool = True,
+    project=None,
+) -> SamplerOutput:
+    """DPM-Solver++(2M), the multistep second-order data-prediction solver (Lu et al. 2022).
+
+    On grid times t_0 = T > ... > t_M = t_min with log-SNRs lambda_i and the
+    data prediction D_i = (x_i + sigma_i^2 score(x_i, t_i)) / alpha_i, each
+    step is the exact solution of the probability-flow ODE in lambda with D
+    extrapolated linearly from the last two grid points (Lu et al. 2022b,
+    Alg. 2):
+
+        x_{i+1} = sigma_{i+1} / sigma_i x_i
+                  + alpha_{i+1} (1 - e^{-h}) (D_i + (D_i - D_{i-1}) h / (2 h_prev)),
+
+    h = lambda_{i+1} - lambda_i. The first step is first order (DDIM); with
+    `lower_order_final`, so is the last one when the run has fewer than 15
+    steps, as in the reference code (it stabilises very short runs).
+
+    Grid: `num_steps` points (default 20; also when None) uniform in lambda
+    between T and process.t_min ("logsnr", the paper's choice for
+    low-dimensional data),
+    or the process's own grid ("process": uniform in time; the chosen levels
+    of DDPM or NCSN), or an explicit decreasing `grid` of times. Then, if
+    `denoise`, the Tweedie step x_0 = D(x_M) (the reference code's
+    `denoise_to_zero`, off there by default). NFE = num_steps - 1 + denoise:
+    one score evaluation per step, none after the last step.
+
+    `project` (inpainting, colorization: `samplers.conditioning`) is applied
+    to the prior draw, after every step and to the denoised output.
+    """
+    ts = _dpm_grid(process, num_steps, grid, spacing)
+    alpha, sigma = _grid_alpha_sigma(process, ts)
+    lam = np.log(alpha) - np.log(sigma)
+    h = np.diff(lam)
+    m = len(h)  # steps
+    # Weight of (D_i - D_{i-1}): 1 / (2 r) with r = h_{i-1} / h_i; 0 for first-order steps.
+    c = np.zeros(m)
+    c[1:] = h[1:] / (2.0 * h[:-1])
+    if lower_order_final and m < LOWER_ORDER_FINAL_BELOW:
+        c[-1] = 0.0
+    dtype = jnp.result_type(float)
+    as_array = lambda a: jnp.asarray(a, dtype)
+    xs = tuple(
+        as_array(a)
+        for a in (
+            ts[:-1],
+            alpha[:-1],
+            sigma[:-1],
+            sigma[1:] / sigma[:-1],
+            -alpha[1:] * np.expm1(-h),
+            c,
+        )
+    )
+
+    def data_prediction(x, t, a, s):
+        return (x + s**2 * score_fn(x, t)) / a
+
+    key_project = jax.random.fold_in(key, 1)
+
+    def step(carry, inputs):
+        x, d_prev = carry
+        i, t, a, s, ratio, phi, c, t_next = inputs
+        d = data_prediction(x, t, a, s)
+        x = ratio * x + phi * (d + c * (d - d_prev))
+        if project is not None:
+            x = project(jax.random.fold_in(key_project, i), x, t_next)
+        return (x, d), None
+
+    x = process.prior_sampling(key, shape)
+    if project is not None:
+        x = project(jax.random.fold_in(key_project, m), x, as_array(ts[0]))
+    xs = (jnp.arange(m), *xs, as_array(ts[1:]))
+    (x, _), _ = jax.lax.scan(step, (x, jnp.zeros_like(x)), xs)
+    if denoise:
+        x = data_prediction(x, as_array(ts[-1]), as_array(alpha[-1]), as_array(sigma[-1]))
+        x = x if project is None else project.clean(x)
+    return SamplerOutput(x, nfe_count(m + denoise))
+
+
+@jitted_sampler
+def edm_heun(
+    key: PRNGKey,
+    score_fn: ScoreFn,
+    process: Process,
+    shape: tuple[int, ...],
+    *,
+    num_steps: int | None = 18,
+    rho: float = 7.0,
+    sigma_min: float = 0.002,
+    sigma_max: float = 80.0,
+    grid=None,
+    project=None,
+) -> SamplerOutput:
+    """Heun's second-order method on EDM's sigma spacing (Karras et al. 2022, Alg. 1, no churn).
+
+    Integrates dy / d sigma_hat = (y - D(y)) / sigma_hat for y = x / alpha and
+    sigma_hat = sigma / alpha (see the module docstring), which makes the
+    algorithm process-agnostic: it is EDM's deterministic sampler for VE
+    processes, and EDM's rescaled ODE for VP ones. The `num_steps` levels
+    (default N = 18, EDM's CIFAR-10 setting; also when None) are
+
+        sigma_i = (s_max^(1/rho) + i / (N - 1) (s_min^(1/rho) - s_max^(1/rho)))^rho,
+
+    rho = 7 (EDM eq. 5), with s_max = min(sigma_max, sigma_hat(T)) and
+    s_min = max(sigma_min, sigma_hat(t_min)): EDM's 80 and 0.002, clamped to
+    the process's range as EDM's generate.py clamps them to a network's (so
+    VE SDE: 50 ... 0.01, VP SDE: 80 ... 0.01), and a final sigma_N = 0; an
+    explicit decreasing `grid` of times replaces them. Each step from
+    sigma_i to sigma_{i+1} is Heun's (Euler, then the trapezoidal
+    correction); the last, to sigma = 0, is Euler, which lands exactly on
+    D(y_{N-1}), the Tweedie denoiser. The prior draw at T, as y = x / alpha,
+    is scaled down to std s_max when s_max < sigma_hat(T) (EDM draws
+    y ~ N(0, s_max^2 I)). NFE = 2 N - 1.
+
+    `project` (`samplers.conditioning`) acts on x = alpha y: on the first
+    draw, after every Heun step and, as `project.clean`, on the output.
+    """
+    if grid is not None:
+        ts = resolve_grid(process, None, grid)
+    else:
+        num_steps = EDM_STEPS if num_steps is None else num_steps
+        if num_steps < 2:
+            raise ValueError(f"edm_heun needs num_steps >= 2, got {num_steps}")
+        lam = log_snr(process, [process.T, process.t_min])
+        lo, hi = max(sigma_min, np.exp(-lam[1])), min(sigma_max, np.exp(-lam[0]))
+        if not lo < hi:
+            raise ValueError(
+                f"edm_heun: sigma_min={sigma_min}, sigma_max={sigma_max} leave no room inside "
+                f"the process's sigma/alpha range [{np.exp(-lam[1]):.4g}, {np.exp(-lam[0]):.4g}]"
+            )
+        sigmas = schedules.karras_sigmas(num_steps, lo, hi, rho)
+        ts = times_at_log_snr(process, -np.log(sigmas))
+        ts[0] = process.T if hi == np.exp(-lam[0]) else ts[0]
+        ts[-1] = process.t_min if lo == np.exp(-lam[1]) else ts[-1]
+    alpha, sigma = _grid_alpha_sigma(process, ts)
+    sigma_hat = sigma / alpha
+    dtype = jnp.result_type(float)
+    as_array = lambda a: jnp.asarray(a, dtype)
+
+    def slope(y, t, a, s_hat):
+        # (y - D(y)) / sigma_hat = -sigma_hat alpha score(alpha y, t).
+        return -s_hat * a * score_fn(a * y, t)
+
+    key_project = jax.random.fold_in(key, 1)
+
+    def projected(k, y, t, a):
+        return y if project is None else project(k, a * y, t) / a
+
+    def step(y, inputs):
+        i, t, a, s_hat, t_next, a_next, s_hat_next = inputs
+        dt = s_hat_next - s_hat
+        d = slope(y, t, a, s_hat)
+        y_euler = y + dt * d
+        y = y + 0.5 * dt * (d + slope(y_euler, t_next, a_next, s_hat_next))
+        return projected(jax.random.fold_in(key_project, i), y, t_next, a_next), None
+
+    n = len(ts)
+    xs = (
+        jnp.arange(n - 1),
+        *(
+            as_array(v)
+            for v in (ts[:-1], alpha[:-1], sigma_hat[:-1], ts[1:], alpha[1:], sigma_hat[1:])
+        ),
+    )
+    # The prior draw at T, as y, shrunk to the first level when that lies below T
+    # (EDM draws y ~ N(0, sigma_0^2 I) there).
+    alpha_T, sigma_T = _concrete_alpha_sigma(process, np.array([process.T]))
+    scale = sigma_hat[0] / (sigma_T[0] / alpha_T[0]) / alpha_T[0]
+    y = process.prior_sampling(key, shape) * as_array(scale)
+    y = projected(jax.random.fold_in(key_project, n), y, as_array(ts[0]), as_array(alpha[0]))
+    y, _ = jax.lax.scan(step, y, xs)
+    last = [as_array(v) for v in (ts[-1], alpha[-1], sigma_hat[-1])]
+    y = y - last[2] * slope(y, *last)
+    y = y if project is None else project.clean(y)
+    return SamplerOutput(y, nfe_count(2 * len(ts) - 1))

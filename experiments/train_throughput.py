@@ -1,0 +1,228 @@
+"""Training throughput of the real train path, and how close the MLP step runs to peak.
+
+Two models, each trained by `experiment.train.make_train_chunk` (the jitted
+`lax.scan` of `training.n_jitted_steps` updates that `--mode=train` runs, with
+the data gather, loss, Adam, EMA and gradient norm inside, state donated):
+
+* the toy MLP of configs/vpsde/toy2d.py (2-D input + 128-dim sinusoidal time
+  embedding -> 3 x 256 SiLU -> 2) at batch 4096;
+* the U-Net of configs/ddpm/digits.py (8x8x1 digits) at batch 128;
+
+on 1 device and on 4 host-platform devices (data parallel), each device count
+in its own subprocess, since XLA_FLAGS must be set before JAX starts. The
+compile time is the first chunk's time (tracing, compiling, without the
+persistent compilation cache, and running n_jitted_steps updates) less
+n_jitted_steps steady updates.
+
+Fraction of peak. The MLP's forward matmul FLOPs per example are
+
+    2 (2 x 256 + 128 x 256 + 2 x 256 x 256 + 256 x 2) = 329,728
+
+(input layer, time-embedding layer, two hidden layers, output layer; a
+multiply-add is 2 FLOPs); a train step is counted as 3x the forward, so
+4096 x 3 x 329,728 = 4.05 GFLOP per step. The peak is this machine's float32
+matmul rate, the best of N jitted 2048 x 2048 x 2048 products (2 x 2048^3
+FLOPs) measured in the same process; step and peak are timed in interleaved
+repetitions and each takes its best, because the machine is shared (2 cores).
+A chunk of n_jitted_steps updates is timed and divided by n_jitted_steps.
+
+Writes results/train_throughput.{csv,md}; the last output line is a JSON object
+with, among the per-run figures, `mlp_train_fraction_of_peak` (1 device).
+
+    python experiments/train_throughput.py [--devices 1,4] [--repeats 12]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+MLP_CONFIG = os.path.join(REPO, "configs", "vpsde", "toy2d.py")
+UNET_CONFIG = os.path.join(REPO, "configs", "ddpm", "digits.py")
+MLP_BATCH, UNET_BATCH = 4096, 128
+MLP_FORWARD_FLOPS_PER_EXAMPLE = 2 * (2 * 256 + 128 * 256 + 2 * 256 * 256 + 256 * 2)
+MLP_STEP_FLOPS = 3 * MLP_BATCH * MLP_FORWARD_FLOPS_PER_EXAMPLE
+PEAK_N = 2048
+
+
+# -- one device count, in a subprocess ------------------------------------------------------
+
+
+def _chunk_runner(config_path: str, batch: int):
+    """(first chunk seconds, run(n) -> best seconds per update, updates per chunk) for a config.
+
+    The first chunk includes tracing and compilation (no persistent cache) and
+    runs n_jitted_steps updates; run(n) times n further chunks one by one and
+    returns the best of them per update.
+    """
+    import jax
+    import numpy as np
+
+    from diffusers_unified.data import datasets
+    from diffusers_unified.experiment import config as config_lib
+    from diffusers_unified.experiment import train
+
+    config = config_lib.load_module(config_path).get_config()
+    config.training.batch_size = batch
+    run = train.build_run(config)
+    k = config.training.n_jitted_steps
+    arrays = run.dataset.device_arrays("train", run.replicated)
+    batcher = datasets.Batcher(arrays, config.seed, batch)
+    chunk = train.make_train_chunk(run)
+    scales = np.ones(k, np.float32)
+    holder = {"state": jax.device_put(run.init_state(), run.replicated), "step": 0}
+
+    def one_chunk() -> float:
+        first = holder["step"]
+        idx = np.stack([batcher.indices(s) for s in range(first, first + k)])
+        holder["step"] += k
+        start = time.perf_counter()
+        holder["state"], metrics = chunk(holder["state"], arrays, idx, scales)
+        jax.block_until_ready(metrics)
+        return time.perf_counter() - start
+
+    first_chunk_s = one_chunk()
+    one_chunk()  # warm: buffers, thread pools
+    return first_chunk_s, lambda n: min(one_chunk() for _ in range(n)) / k, k
+
+
+def worker(repeats: int) -> dict:
+    import jax
+    import jax.numpy as jnp
+
+    a = jax.random.normal(jax.random.PRNGKey(0), (PEAK_N, PEAK_N), jnp.float32)
+    b = jax.random.normal(jax.random.PRNGKey(1), (PEAK_N, PEAK_N), jnp.float32)
+    matmul = jax.jit(jnp.matmul)
+    matmul(a, b).block_until_ready()
+
+    def peak_seconds() -> float:
+        start = time.perf_counter()
+        matmul(a, b).block_until_ready()
+        return time.perf_counter() - start
+
+    out = {"devices": jax.device_count()}
+    mlp_first, mlp_run, mlp_k = _chunk_runner(MLP_CONFIG, MLP_BATCH)
+    best_peak, best_mlp = float("inf"), float("inf")
+    for _ in range(repeats):  # interleaved: both see the same machine load
+        best_peak = min(best_peak, peak_seconds())
+        best_mlp = min(best_mlp, mlp_run(1))
+    peak = 2 * PEAK_N**3 / best_peak
+    out["peak_gflops"] = peak / 1e9
+    out["mlp"] = {
+        "batch": MLP_BATCH,
+        "n_jitted_steps": mlp_k,
+        "first_chunk_s": mlp_first,
+        "compile_s": mlp_first - mlp_k * best_mlp,
+        "step_ms": best_mlp * 1e3,
+        "steps_per_s": 1 / best_mlp,
+        "examples_per_s": MLP_BATCH / best_mlp,
+        "gflops": MLP_STEP_FLOPS / best_mlp / 1e9,
+        "fraction_of_peak": MLP_STEP_FLOPS / best_mlp / peak,
+    }
+    unet_first, unet_run, unet_k = _chunk_runner(UNET_CONFIG, UNET_BATCH)
+    best_unet = unet_run(2)
+    out["unet"] = {
+        "batch": UNET_BATCH,
+        "n_jitted_steps": unet_k,
+        "first_chunk_s": unet_first,
+        "compile_s": unet_first - unet_k * best_unet,
+        "step_ms": best_unet * 1e3,
+        "steps_per_s": 1 / best_unet,
+        "examples_per_s": UNET_BATCH / best_unet,
+    }
+    return out
+
+
+def run_worker(devices: int, repeats: int) -> dict:
+    env = dict(os.environ)
+    env.pop("JAX_COMPILATION_CACHE_DIR", None)  # compile times without the persistent cache
+    env["JAX_PLATFORMS"] = "cpu"
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [REPO, env.get("PYTHONPATH")]))
+    proc = subprocess.run(
+        [sys.executable, os.path.abspath(__file__), "--worker", "--repeats", str(repeats)],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"{devices}-device worker failed:\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# -- the table -----------------------------------------------------------------------------
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--devices", default="1,4", help="comma-separated device counts")
+    parser.add_argument("--repeats", type=int, default=12, help="interleaved timing rounds")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(worker(args.repeats)))
+        return
+
+    sys.path.insert(0, HERE)
+    from common import final_json, write_table
+
+    results = {}
+    for n in (int(d) for d in args.devices.split(",")):
+        start = time.perf_counter()
+        r = results[n] = run_worker(n, args.repeats)
+        m, u = r["mlp"], r["unet"]
+        print(
+            f"{n} device(s): peak {r['peak_gflops']:.1f} GFLOP/s; MLP {m['steps_per_s']:.1f} "
+            f"steps/s, {m['examples_per_s']:.0f} examples/s, {m['gflops']:.1f} GFLOP/s = "
+            f"{m['fraction_of_peak']:.3f} of peak, compile {m['compile_s']:.1f} s; U-Net "
+            f"{u['steps_per_s']:.2f} steps/s, {u['examples_per_s']:.0f} examples/s, compile "
+            f"{u['compile_s']:.1f} s ({time.perf_counter() - start:.0f} s)",
+            flush=True,
+        )
+    rows = []
+    for n, r in results.items():
+        m, u = r["mlp"], r["unet"]
+        rows.append(
+            ["MLP", n, m["batch"], round(m["compile_s"], 2), round(m["steps_per_s"], 2),
+             round(m["examples_per_s"]), round(m["gflops"], 1), round(m["fraction_of_peak"], 3),
+             round(r["peak_gflops"], 1)]
+        )  # fmt: skip
+        rows.append(
+            ["U-Net (digits)", n, u["batch"], round(u["compile_s"], 2),
+             round(u["steps_per_s"], 2), round(u["examples_per_s"]), None, None,
+             round(r["peak_gflops"], 1)]
+        )  # fmt: skip
+    note = (
+        f"MLP step counted as 3 x forward matmul FLOPs = {MLP_STEP_FLOPS / 1e9:.3f} GFLOP "
+        f"(batch {MLP_BATCH} x 3 x {MLP_FORWARD_FLOPS_PER_EXAMPLE}); peak = best of "
+        f"{args.repeats} jitted {PEAK_N}^3 float32 matmuls, interleaved with the MLP chunks "
+        "in the same process. Times per update are best-of chunks of n_jitted_steps "
+        "updates (the launcher's train chunk); compile = first chunk - n_jitted_steps x "
+        "steady update, no persistent cache."
+    )
+    write_table(
+        "train_throughput",
+        ["model", "devices", "batch", "compile s", "steps/s", "examples/s", "GFLOP/s",
+         "fraction of peak", "peak GFLOP/s"],
+        rows,
+        note=note,
+    )  # fmt: skip
+    first = results[min(results)]
+    final_json(
+        {
+            "mlp_train_fraction_of_peak": first["mlp"]["fraction_of_peak"],
+            "mlp_step_gflop": MLP_STEP_FLOPS / 1e9,
+            "runs": {str(n): r for n, r in results.items()},
+        }
+    )
+
+
+if __name__ == "__main__":
+    main()
