@@ -53,6 +53,8 @@ def adaptive_solver(method: str):
     import diffrax
 
     return {"dopri5": diffrax.Dopri5, "tsit5": diffrax.Tsit5}[method]()
+
+
 METHODS = (*FIXED_STEP, *ADAPTIVE)
 
 
