@@ -5,7 +5,7 @@ import functools
 import jax
 import numpy as np
 import pytest
-from flax import struct
+from counting import CountingScore
 
 from diffusers_unified import samplers, schedules
 from diffusers_unified.data.gaussian import GaussianMixture, example_mixture
@@ -14,19 +14,6 @@ from diffusers_unified.processes import DDPM, NCSN, VESDE, VPSDE, SubVPSDE
 from diffusers_unified.samplers import fast
 
 MEAN, VAR = np.array([0.4, -0.3]), np.array([0.25, 0.06])
-
-
-class CountingScore(struct.PyTreeNode):
-    """An exact score that counts its evaluations at run time (and its traces in Python)."""
-
-    exact: object
-    traces = [0]
-    calls = [0]
-
-    def __call__(self, x, t):
-        CountingScore.traces[0] += 1
-        jax.debug.callback(lambda: CountingScore.calls.__setitem__(0, CountingScore.calls[0] + 1))
-        return self.exact(x, t)
 
 
 CASES = {

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import struct
+from counting import CountingScore
 
 from diffusers_unified import samplers
 from diffusers_unified.data.gaussian import GaussianMixture, example_mixture
@@ -86,19 +86,6 @@ def test_adaptive_solver_meets_its_tolerance(process, method):
     # there we only ask that tightening the tolerance buys accuracy.
     assert errors[1] < 10 * 1e-5 * max(scale, 1.0), errors
     assert errors[1] < errors[0] and nfes[1] > nfes[0]
-
-
-class CountingScore(struct.PyTreeNode):
-    """An exact score that counts its evaluations at run time (and its traces in Python)."""
-
-    exact: object
-    traces = [0]
-    calls = [0]
-
-    def __call__(self, x, t):
-        CountingScore.traces[0] += 1
-        jax.debug.callback(lambda: CountingScore.calls.__setitem__(0, CountingScore.calls[0] + 1))
-        return self.exact(x, t)
 
 
 SAMPLERS = {
