@@ -95,25 +95,31 @@ def toy2d(config):
 
 
 def digits(config):
-    """scikit-learn's 8x8 digits (the `data` extra) and a small U-Net."""
+    """scikit-learn's 8x8 digits (the `data` extra) and a small U-Net.
+
+    Sized to train on a 2-core CPU in about 45 minutes (2.2 steps/s): nf 32 and
+    one residual block per resolution. At 6000 steps its samples are digits,
+    as are those of the DDPM-sized U-Net (nf 64, two blocks, lr 2e-4), which
+    takes 1.6x longer per step on an H200 and 3.6x longer on the 2-core CPU.
+    """
     config.data.dataset = "digits"
     config.data.num_test = 297  # 1500 training images
     config.data.image_size = 8
     config.data.num_channels = 1
     config.data.centered = True
     config.model.name = "unet"
-    config.model.nf = 64
+    config.model.nf = 32
     config.model.ch_mult = (1, 2)
-    config.model.num_res_blocks = 2
+    config.model.num_res_blocks = 1
     config.model.attn_resolutions = (4,)
     config.model.dropout = 0.1
     config.model.ema_rate = 0.999
     config.training.batch_size = 128
-    config.training.n_iters = 20_000
-    config.training.checkpoint_freq = 2_000
+    config.training.n_iters = 6_000
+    config.training.checkpoint_freq = 1_000
     config.training.snapshot_freq = 2_000
-    config.optim.lr = 2e-4
-    config.optim.warmup = 500
+    config.optim.lr = 1e-3
+    config.optim.warmup = 200
     config.process.sigma_max = 20.0  # the [-1, 1] digits: largest pairwise distance 9.8
     config.sampling.num_samples = 256
     config.sampling.batch_size = 256

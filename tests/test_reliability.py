@@ -10,6 +10,7 @@ directory holds. Runs that several tests read are made once per session
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
@@ -287,6 +288,11 @@ def test_b8_skip_nonfinite_leaves_state_unchanged_and_gives_up_after_n(tmp_path)
         "was written at or after it. The last good checkpoint is step 12." in result.stderr
     )
     assert committed(workdir) == [2, 4, 6, 8, 10, 12]
+    # The metrics average the applied updates only, and count the skipped ones.
+    records = lu.read_metrics(workdir)
+    assert [r["step"] for r in records] == [5, 10], records
+    assert "skipped_updates" not in records[0] and records[1]["skipped_updates"] == 2
+    assert all(math.isfinite(r["loss"]) for r in records), records
     at_6, at_8 = lu.restore(workdir, 6), lu.restore(workdir, 8)
     assert int(at_6["step"]) == 6 and int(at_8["step"]) == 8
     kept = lambda state: {k: state[k] for k in ("params", "ema_params", "opt_state")}
@@ -458,7 +464,7 @@ def test_b14_bad_values_exit_4_naming_range_or_example(fault, tmp_path):
         x *= 255  # 0..255 floats where [0, 1] is expected
         expected = re.compile(
             r"float images have dtype float32, min [\d.]+, max 25\d\.\d+; expected values in "
-            r"\[0, 1\]"
+            r"\[0, 1\] \(float_range; data.centered then sets the model's range"
         )
     else:
         x[17, 3, 3, 0] = np.nan

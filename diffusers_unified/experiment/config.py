@@ -126,6 +126,7 @@ CHOICES = {
     "sampling.corrector": ("none", "langevin", "ald"),
     "sampling.variance": ("small", "large"),
     "sampling.ode_method": ("euler", "heun", "rk4", "dopri5", "tsit5"),
+    "sampling.edm_scaling": ("none", "vp"),
     "eval.likelihood": ("ode", "bound", "all", "none"),
     "eval.divergence": ("exact", "hutchinson"),
     "eval.probe": ("rademacher", "gaussian"),

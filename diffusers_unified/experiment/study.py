@@ -391,6 +391,24 @@ def run_parallel(study_path: str, study: Study, workdir: str, jobs: int, only=No
     write_results(study, rows, workdir)
 
 
+def _use_compilation_cache(path: str, workdir: str) -> None:
+    """Turns on JAX's persistent compilation cache here and in the variants' processes.
+
+    The variants of a study compile many of the same programs (the network's
+    initialisation, the data, the metrics; every program again on a rerun).
+    """
+    path = (
+        path or os.environ.get("JAX_COMPILATION_CACHE_DIR") or os.path.join(workdir, ".jax_cache")
+    )
+    if path == "none":
+        return
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = path  # inherited by the variants' processes
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.1")
+    jax.config.update("jax_compilation_cache_dir", path)
+    min_seconds = float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"])
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", min_seconds)
+
+
 def main(argv=None) -> None:
     """`diffusers-unified-ablate --study=FILE --workdir=DIR [--only=a,b] [--jobs=N]`."""
     import argparse
@@ -402,9 +420,16 @@ def main(argv=None) -> None:
     parser.add_argument("--workdir", required=True)
     parser.add_argument("--only", default="", help="comma-separated variant names to run")
     parser.add_argument("--jobs", type=int, default=1, help="variants run at once (processes)")
+    parser.add_argument(
+        "--compilation_cache",
+        default="",
+        help="JAX's persistent compilation cache, shared by the variants' processes and reruns "
+        "(default: $JAX_COMPILATION_CACHE_DIR, else <workdir>/.jax_cache; 'none': off)",
+    )
     parser.add_argument("--no_summary", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     _setup_logging()
+    _use_compilation_cache(args.compilation_cache, args.workdir)
     only = [s for s in args.only.split(",") if s] or None
     try:
         study = load_study(args.study)

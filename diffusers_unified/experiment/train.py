@@ -332,7 +332,7 @@ def _loop(
     last_saved = ckpt.latest_step() if ckpt is not None else (int(state.step) or None)
     sigterm = _SigtermFlag()
     progress = _progress(int(state.step), t.n_iters)
-    window, window_start, updates = [], time.perf_counter(), 0
+    window, window_skipped, window_start, updates = [], 0, time.perf_counter(), 0
     validate = config.data.validate_batches
     try:
         while int(state.step) < t.n_iters:
@@ -357,7 +357,9 @@ def _loop(
             state, metrics = train_chunk(state, arrays, indices, scales)
             metrics = {name: np.asarray(v) for name, v in jax.device_get(metrics).items()}
             _check_finite(run, state, metrics, first, last_saved, previous, debug_nans)
-            window.extend(metrics["loss"].tolist())
+            skipped = metrics["skipped"].astype(bool)  # skip_nonfinite: not applied
+            window.extend(metrics["loss"][~skipped].tolist())
+            window_skipped += int(skipped.sum())
             updates += k
             progress.update(k)
             if sleep:
@@ -367,30 +369,35 @@ def _loop(
             done = int(state.step)
             if done % t.log_freq == 0 or done == t.n_iters:
                 elapsed = time.perf_counter() - window_start
+                n_updates = len(window) + window_skipped
                 record = {
                     "step": done,
-                    "loss": float(np.mean(window)),
+                    # the mean over the applied updates (None if every one was skipped)
+                    "loss": float(np.mean(window)) if window else None,
                     "grad_norm": float(metrics["grad_norm"][-1]),
-                    "steps_per_sec": len(window) / elapsed,
-                    "examples_per_sec": len(window) * t.batch_size / elapsed,
+                    "steps_per_sec": n_updates / elapsed,
+                    "examples_per_sec": n_updates * t.batch_size / elapsed,
                 }
+                if window_skipped:
+                    record["skipped_updates"] = window_skipped
                 if wd is not None:
                     wd.append_metrics(record)
-                progress.set_postfix(
-                    loss=f"{record['loss']:.4f}", steps_per_s=f"{record['steps_per_sec']:.1f}"
-                )
+                loss = "n/a" if record["loss"] is None else f"{record['loss']:.5f}"
+                progress.set_postfix(loss=loss, steps_per_s=f"{record['steps_per_sec']:.1f}")
                 logger.info(
-                    "step %d: loss %.5f, grad norm %.3f, %.1f steps/s",
+                    "step %d: loss %s, grad norm %.3f, %.1f steps/s%s",
                     done,
-                    record["loss"],
+                    loss,
                     record["grad_norm"],
                     record["steps_per_sec"],
+                    f", {window_skipped} update(s) skipped" if window_skipped else "",
                 )
-                window, window_start = [], time.perf_counter()
+                window, window_skipped, window_start = [], 0, time.perf_counter()
             if done % t.checkpoint_freq == 0 or done == t.n_iters:
                 _save(ckpt, state, done)
                 last_saved = done
-            if t.snapshot_freq and done % t.snapshot_freq == 0 and wd is not None:
+            due = t.snapshot_freq and (done % t.snapshot_freq == 0 or done == t.n_iters)
+            if due and wd is not None:
                 snapshot(run, wd, state, done)
             if _any_process(sigterm.raised):  # every process stops after the same update
                 if last_saved != done:
@@ -566,13 +573,16 @@ def _debug_nans(run: Run, state: TrainState, bad_step: int) -> str:
 def snapshot(run: Run, wd: Workdir, state: TrainState, step: int, n: int = 512) -> str:
     """Samples with the EMA parameters and saves a figure (and the samples) under snapshots/."""
     from diffusers_unified.experiment.figures import save_npz, save_samples_figure
+    from diffusers_unified.experiment.sample import sample_labels
 
     os.makedirs(wd.snapshots, exist_ok=True)
     n = min(n, run.config.sampling.batch_size)
     n -= n % len(run.mesh.devices.flat)
     key = jax.random.fold_in(jax.random.PRNGKey(run.config.seed), 1_000_000 + step)
     # Host copies: sampled on this process's default device alone, not across the mesh.
-    out = run.sample(key, jax.tree.map(_to_host, state.ema_params), n)
+    # A class-conditional model draws the labels of --mode=sample (sampling.class_label).
+    params = jax.tree.map(_to_host, state.ema_params)
+    out = run.sample(key, params, n, y=sample_labels(run, 0, n))
     samples = np.asarray(jax.device_get(out.samples))
     path = os.path.join(wd.snapshots, f"step_{step}.png")
     reference = run.dataset.model_data("test")[0][:n]

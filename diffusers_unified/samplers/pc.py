@@ -376,8 +376,9 @@ def annealed_langevin(
     paper's: step_size (epsilon) 2e-5, T = 100, over the process's N levels.
     Alg. 1's step rule is stated for noise levels of x + sigma z, so this
     sampler is defined for variance-exploding processes only (NCSN, VESDE).
-    NCSNv2's CIFAR-10 choice is step_size 6.2e-6, T = 5 (with sigma_max = 50,
-    L = 232 on the process). The NCSN reference code writes the same update
+    NCSNv2's CIFAR-10 choice, eps = 6.2e-6 in its x + eps_i score + sqrt(2 eps_i)
+    z, is step_size 1.24e-5 here, with T = 5, sigma_max = 50 and L = 232 on the
+    process (`noise_scales` converts). The NCSN reference code writes the same update
     as x + h score + sqrt(2 h) z with h = step_lr sigma_i^2 / sigma_L^2, so its
     step_lr is step_size / 2 here. `project` after every Langevin step is
     the inpainting algorithm of Song and Ermon (2019), with a fresh noisy copy

@@ -7,7 +7,8 @@ held-out data's own noise floor (1 = indistinguishable from data at this
 sample size). Samplers: Euler-Maruyama and reverse diffusion
 (predictor-only PC), DDIM (eta = 0), the probability-flow ODE with Euler,
 Heun and RK4 at fixed steps and Dopri5 at several tolerances, and the fast
-samplers DPM-Solver++(2M) and EDM's Heun on Karras sigmas. NFE counts every
+samplers DPM-Solver++(2M) and EDM's Heun on Karras sigmas (EDM's ODE, and the
+variance-preserving scaling of `samplers.edm_heun`). NFE counts every
 network evaluation, the final denoising step included. The same comparison
 with the exact score, free of training error, is experiments/sampler_accuracy.py.
 
@@ -60,9 +61,14 @@ def samplers() -> dict[str, dict]:
             "sampling.rtol": tol,
             "sampling.atol": tol,
         }
-    for method, label in (("dpm_solver", "DPM-Solver++(2M)"), ("edm_heun", "EDM-Heun")):
+    fast = {
+        "DPM-Solver++(2M)": {"sampling.method": "dpm_solver"},
+        "EDM-Heun": {"sampling.method": "edm_heun"},
+        "EDM-Heun, VP scaling": {"sampling.method": "edm_heun", "sampling.edm_scaling": "vp"},
+    }
+    for label, options in fast.items():
         for n in FAST_STEPS:
-            out[f"{label}/{n}"] = {"sampling.method": method, "sampling.num_steps": n}
+            out[f"{label}/{n}"] = {**options, "sampling.num_steps": n}
     return out
 
 
