@@ -9,7 +9,11 @@ held-out negative log-likelihood through the probability-flow ODE (exact
 divergence, Dopri5 at 1e-5), next to the true density's NLL of the same
 examples (the data set's density is known). The variants are those of the
 quickstart (see experiments/studies/quickstart.py for why NCSN uses 100
-levels and the VE SDE its predictor alone on 2-D data).
+levels and an EMA rate of 0.999, and the VE SDE its predictor alone on 2-D data).
+
+One sample ratio moves by about 25 % from key to key at 2,000 samples; the
+held-out NLL of the same 2,000 examples for every model (ode_nll_nats minus
+data_nll_nats, the true density's) compares the trained networks more sharply.
 
     diffusers-unified-ablate --study=experiments/studies/formulations.py \\
         --workdir=studies/formulations --jobs=2
