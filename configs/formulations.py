@@ -122,6 +122,6 @@ def digits(config):
     config.optim.warmup = 200
     config.process.sigma_max = 20.0  # the [-1, 1] digits: largest pairwise distance 9.8
     config.sampling.num_samples = 256
-    config.sampling.batch_size = 256
+    config.sampling.batch_size = 128  # and the snapshots' size: 1000 ancestral steps, ~2 min
     config.eval.num_samples = 256
     return config
