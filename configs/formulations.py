@@ -97,10 +97,10 @@ def toy2d(config):
 def digits(config):
     """scikit-learn's 8x8 digits (the `data` extra) and a small U-Net.
 
-    Sized to train on a 2-core CPU in about 45 minutes (2.2 steps/s): nf 32 and
+    Sized to train on a 2-core CPU in about 45 minutes (2.4 steps/s): nf 32 and
     one residual block per resolution. At 6000 steps its samples are digits,
     as are those of the DDPM-sized U-Net (nf 64, two blocks, lr 2e-4), which
-    takes 1.6x longer per step on an H200 and 3.6x longer on the 2-core CPU.
+    takes 1.6x longer per step on an H200 and 3-4x longer on the 2-core CPU.
     """
     config.data.dataset = "digits"
     config.data.num_test = 297  # 1500 training images
