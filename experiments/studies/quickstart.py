@@ -11,9 +11,9 @@ NCSN uses 100 noise levels with 10 Langevin steps each (NCSNv2's recipe of
 many levels; with the NCSN paper's 10 levels the network never sees the
 noise levels between them, and the ODE lands at 3.4x the floor), and
 NCSNv2's EMA of rate 0.999 (its technique 5; with the others' 0.99,
-annealed Langevin lands at 1.6-2.0x the floor over three sampling keys, with
-0.999 at 1.0-1.3x, while the probability-flow ODE of either network is at
-1.2-1.3x). The VE SDE samples with the reverse-diffusion predictor alone
+annealed Langevin lands at 1.5-2.1x the floor over three sampling keys at any
+step size from 1e-5 to 2e-5, with 0.999 at 1.0-1.3x, while the
+probability-flow ODE of either network is at 1.2-1.4x). The VE SDE samples with the reverse-diffusion predictor alone
 (the score SDE paper's "P1000"): its Langevin corrector at snr 0.16 reaches
 6-10x the floor here, an effect studied in experiments/studies/langevin_snr.py.
 """
