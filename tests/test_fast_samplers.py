@@ -5,7 +5,7 @@ import functools
 import jax
 import numpy as np
 import pytest
-from counting import CountingScore
+from counting import check_nfe_and_no_retrace
 
 from diffusers_unified import samplers, schedules
 from diffusers_unified.data.gaussian import GaussianMixture, example_mixture
@@ -29,22 +29,7 @@ CASES = {
 @pytest.mark.parametrize("name", CASES)
 def test_nfe_is_exact_and_a_second_call_does_not_retrace(name):
     fn, options, nfe = CASES[name]
-    process = VESDE()
-    first = CountingScore(example_mixture().score_fn(process))
-    second_mixture = example_mixture().replace(means=example_mixture().means * 1.1)
-    second = CountingScore(second_mixture.score_fn(process))
-
-    CountingScore.calls[0] = 0
-    out = fn(jax.random.PRNGKey(0), first, process, (64, 2), **options)
-    jax.block_until_ready(out)
-    jax.effects_barrier()
-    assert CountingScore.calls[0] == int(out.nfe) == nfe
-    traces = CountingScore.traces[0]
-
-    out2 = fn(jax.random.PRNGKey(1), second, process, (64, 2), **options)
-    jax.block_until_ready(out2)
-    assert CountingScore.traces[0] == traces, "second call re-traced the sampler"
-    assert not np.allclose(out.samples, out2.samples)
+    assert check_nfe_and_no_retrace(fn, options) == nfe
 
 
 def exact_flow_then_denoise(process, x_start, t_start, t_end):
