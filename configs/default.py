@@ -91,9 +91,8 @@ def get_config():
     # -- sampling --------------------------------------------------------------------
     config.sampling = sampling = ml_collections.ConfigDict()
     sampling.method = "pc"  # ancestral | ddim | ald | pc | ode | dpm_solver | edm_heun
-    sampling.predictor = (
-        "euler_maruyama"  # pc: none | euler_maruyama | reverse_diffusion | ancestral
-    )
+    # pc: none | euler_maruyama | reverse_diffusion | ancestral | ddim
+    sampling.predictor = "euler_maruyama"
     sampling.corrector = "none"  # pc: none | langevin | ald
     sampling.snr = 0.16  # pc: corrector signal-to-noise ratio
     sampling.n_steps_each = 1  # pc: corrector steps per level; ald: steps per level (T)

@@ -31,8 +31,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffusers_unified import samplers
-from diffusers_unified.experiment import sample, train
+from diffusers_unified.experiment import train
 from diffusers_unified.experiment.figures import image_grid
+from diffusers_unified.experiment.run import build_run, restore
 from diffusers_unified.experiment.workdir import Workdir
 
 from common import RESULTS, final_json, write_table
@@ -70,8 +71,8 @@ def main():
     start = time.perf_counter()
     train.train(config, workdir)
     train_seconds = time.perf_counter() - start
-    run = train.build_run(config)
-    _, state = sample.restore(run, Workdir(workdir))
+    run = build_run(config)
+    _, state = restore(run, Workdir(workdir))
     params, process = state.ema_params, run.process
     shape = (PER_CLASS * 10, *run.data_shape)
     labels = jnp.repeat(jnp.arange(10, dtype=jnp.int32), PER_CLASS)

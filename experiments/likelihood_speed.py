@@ -31,7 +31,8 @@ import numpy as np
 
 from diffusers_unified import likelihood
 from diffusers_unified.data.gaussian import example_mixture
-from diffusers_unified.experiment import sample, train
+from diffusers_unified.experiment import train
+from diffusers_unified.experiment.run import build_run, restore
 from diffusers_unified.experiment.workdir import Workdir
 
 from common import final_json, write_table
@@ -77,8 +78,8 @@ def mlp_run(steps: int, workdir: str):
     config.training.checkpoint_freq = steps
     config.training.log_freq = steps
     train.train(config, workdir)
-    run = train.build_run(config)
-    _, state = sample.restore(run, Workdir(workdir))
+    run = build_run(config)
+    _, state = restore(run, Workdir(workdir))
     return run, state.ema_params
 
 
@@ -86,9 +87,9 @@ def unet_run(workdir: str | None):
     from configs.ddpm.digits import get_config
 
     config = get_config()
-    run = train.build_run(config)
+    run = build_run(config)
     if workdir:
-        _, state = sample.restore(run, Workdir(workdir))
+        _, state = restore(run, Workdir(workdir))
         return run, state.ema_params, "trained"
     return run, run.init_state().ema_params, "at initialisation"
 

@@ -64,16 +64,17 @@ def _chunk_runner(config_path: str, batch: int):
     import jax
     import numpy as np
 
-    from diffusers_unified.data import datasets
+    from diffusers_unified import data
     from diffusers_unified.experiment import config as config_lib
     from diffusers_unified.experiment import train
+    from diffusers_unified.experiment.run import build_run
 
     config = config_lib.load_module(config_path).get_config()
     config.training.batch_size = batch
-    run = train.build_run(config)
+    run = build_run(config)
     k = config.training.n_jitted_steps
     arrays = run.dataset.device_arrays("train", run.replicated)
-    batcher = datasets.Batcher(arrays, config.seed, batch)
+    batcher = data.Batcher(arrays, config.seed, batch)
     chunk = train.make_train_chunk(run)
     scales = np.ones(k, np.float32)
     holder = {"state": jax.device_put(run.init_state(), run.replicated), "step": 0}

@@ -24,19 +24,13 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from diffusers_unified import faults
+
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "tests" / "configs"
 CI_TINY = CONFIGS / "ci_tiny.py"
 CACHE = REPO / ".jax_cache"
-FAULT_VARS = (
-    "DU_FAULT_KILL_AT_STEP",
-    "DU_FAULT_NAN_AT_STEP",
-    "DU_FAULT_STEP_SLEEP",
-    "DU_FAULT_KILL_IN_SAVE",
-    "DU_FAULT_SAVE_ERROR",
-    "DU_FAULT_KILL_AFTER_EVAL_PARTS",
-    "DU_DUMP_FINAL_STATE",
-)
+FAULT_VARS = faults.ALL
 
 
 @dataclasses.dataclass

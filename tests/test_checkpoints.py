@@ -21,17 +21,17 @@ import numpy as np
 import optax
 import pytest
 
+from diffusers_unified import faults
 from diffusers_unified.errors import CheckpointError
-from diffusers_unified.training import checkpoints as ckpt
 from diffusers_unified.training.checkpoints import CheckpointManager, estimate_checkpoint_bytes
 
 
 @pytest.fixture(autouse=True)
 def _no_faults(monkeypatch):
     """Each test starts with no fault hooks set and the process save counter at 0."""
-    monkeypatch.delenv(ckpt.KILL_ENV, raising=False)
-    monkeypatch.delenv(ckpt.SAVE_ERROR_ENV, raising=False)
-    monkeypatch.setattr(ckpt, "_save_attempts", 0)
+    monkeypatch.delenv(faults.KILL_IN_SAVE, raising=False)
+    monkeypatch.delenv(faults.SAVE_ERROR, raising=False)
+    faults.reset_save_count()
 
 
 def small_state(step: int = 0, width: int = 4):
@@ -122,7 +122,7 @@ def test_layout_of_a_committed_step(tmp_path):
     mgr.save(12, small_state(), metadata={"a": 1})
     assert dir_names(tmp_path) == ["12"]
     step_dir = tmp_path / "12"
-    assert {"COMMIT", "metadata.json", "state"} <= set(os.listdir(step_dir))
+    assert {"COMMIT", "metadata", "state"} <= set(os.listdir(step_dir))
     assert mgr.read_metadata() == {"a": 1}
 
 
@@ -179,7 +179,7 @@ def test_existing_step_is_never_overwritten(tmp_path):
 def test_construction_removes_tmp_and_uncommitted_dirs_with_warning(tmp_path, caplog):
     mgr = CheckpointManager(tmp_path)
     mgr.save(5, {"w": jnp.zeros(1)})
-    (tmp_path / "10.tmp-12345-2" / "state").mkdir(parents=True)
+    (tmp_path / "10.orbax-checkpoint-tmp" / "state").mkdir(parents=True)
     (tmp_path / "15").mkdir()  # integer name but no COMMIT
     (tmp_path / "15" / "metadata.json").write_text("{}")
     (tmp_path / "notes").mkdir()  # unrelated entries are left alone
@@ -189,18 +189,18 @@ def test_construction_removes_tmp_and_uncommitted_dirs_with_warning(tmp_path, ca
         mgr = CheckpointManager(tmp_path)
     assert dir_names(tmp_path) == ["5", "notes"]
     messages = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert "removed incomplete checkpoint 10.tmp-12345-2 (no commit marker)" in messages
+    assert "removed incomplete checkpoint 10.orbax-checkpoint-tmp (no commit marker)" in messages
     assert "removed incomplete checkpoint 15 (no commit marker)" in messages
     assert mgr.latest_step() == 5
 
 
 def test_kill_before_commit_leaves_only_a_tmp_dir(tmp_path, caplog):
-    proc = run_child(tmp_path, [1, 2], {ckpt.KILL_ENV: "before_commit:2"})
+    proc = run_child(tmp_path, [1, 2], {faults.KILL_IN_SAVE: "before_commit:2"})
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     assert "finished" not in proc.stdout
     names = dir_names(tmp_path)
     assert "1" in names and "2" not in names
-    leftovers = [n for n in names if n.startswith("2.tmp-")]
+    leftovers = [n for n in names if n.startswith("2.orbax-checkpoint-tmp")]
     assert len(leftovers) == 1
     # The partial step already carries its COMMIT file; only the rename makes it a checkpoint.
     assert (tmp_path / leftovers[0] / "COMMIT").is_file()
@@ -219,7 +219,7 @@ def test_kill_after_commit_before_cleanup_leaves_keep_plus_one(tmp_path, caplog)
     mgr = CheckpointManager(tmp_path, keep=2)
     for step in (1, 2):
         mgr.save(step, {"w": jnp.full((3,), float(step))})
-    proc = run_child(tmp_path, [3], {ckpt.KILL_ENV: "after_commit_before_cleanup"})
+    proc = run_child(tmp_path, [3], {faults.KILL_IN_SAVE: "after_commit_before_cleanup"})
     assert proc.returncode == -signal.SIGKILL, proc.stderr
 
     with caplog.at_level(logging.WARNING, logger="diffusers_unified"):
@@ -233,7 +233,7 @@ def test_kill_after_commit_before_cleanup_leaves_keep_plus_one(tmp_path, caplog)
 
 
 def test_invalid_fault_spec_is_rejected(tmp_path, monkeypatch):
-    monkeypatch.setenv(ckpt.KILL_ENV, "during_lunch")
+    monkeypatch.setenv(faults.KILL_IN_SAVE, "during_lunch")
     with pytest.raises(ValueError, match="before_commit"):
         CheckpointManager(tmp_path).save(1, {"w": jnp.zeros(1)})
 
@@ -244,7 +244,7 @@ def test_invalid_fault_spec_is_rejected(tmp_path, monkeypatch):
 def test_enospc_keeps_previous_checkpoint_and_leaves_no_phantom(tmp_path, monkeypatch):
     mgr = CheckpointManager(tmp_path, keep=2)
     mgr.save(5, small_state(5))
-    monkeypatch.setenv(ckpt.SAVE_ERROR_ENV, "ENOSPC:2")
+    monkeypatch.setenv(faults.SAVE_ERROR, "ENOSPC:2")
     with pytest.raises(CheckpointError, match="No space left on device") as info:
         mgr.save(10, small_state(10))
     assert str(tmp_path / "10") in str(info.value)
@@ -300,7 +300,7 @@ def test_async_save_commits_after_wait(tmp_path):
 
 
 def test_async_save_error_surfaces_at_wait_until_finished(tmp_path, monkeypatch):
-    monkeypatch.setenv(ckpt.SAVE_ERROR_ENV, "ENOSPC:2")
+    monkeypatch.setenv(faults.SAVE_ERROR, "ENOSPC:2")
     mgr = CheckpointManager(tmp_path, async_save=True)
     mgr.save(1, {"w": jnp.zeros(3)})
     mgr.save(2, {"w": jnp.ones(3)})  # fails in the background
@@ -315,15 +315,15 @@ def test_async_save_error_surfaces_at_wait_until_finished(tmp_path, monkeypatch)
 
 
 def test_async_save_error_surfaces_at_next_save_and_close(tmp_path, monkeypatch):
-    monkeypatch.setenv(ckpt.SAVE_ERROR_ENV, "ENOSPC")
+    monkeypatch.setenv(faults.SAVE_ERROR, "ENOSPC")
     mgr = CheckpointManager(tmp_path, async_save=True)
     mgr.save(1, {"w": jnp.zeros(3)})
     with pytest.raises(CheckpointError, match="step 1 failed"):
         mgr.save(2, {"w": jnp.zeros(3)})
     assert mgr.all_steps() == []  # step 2 was not started
 
-    monkeypatch.setenv(ckpt.SAVE_ERROR_ENV, "EIO:2")
-    monkeypatch.setattr(ckpt, "_save_attempts", 0)
+    monkeypatch.setenv(faults.SAVE_ERROR, "EIO:2")
+    faults.reset_save_count()
     with pytest.raises(CheckpointError, match="Input/output error"):
         with CheckpointManager(tmp_path / "b", async_save=True) as mgr_b:
             mgr_b.save(1, {"w": jnp.zeros(3)})
@@ -422,7 +422,7 @@ def test_on_corrupt_fallback_quarantines_and_restores_previous(tmp_path, caplog)
     assert dir_names(tmp_path / "corrupt") == ["10", "15"]
     assert "step 15" in caplog.text and "step 10" in caplog.text
 
-    os.remove(tmp_path / "5" / "metadata.json")
+    os.remove(tmp_path / "5" / "metadata" / "metadata")
     with pytest.raises(CheckpointError, match="no older committed checkpoint"):
         mgr.restore(on_corrupt="fallback")
     assert mgr.all_steps() == []

@@ -451,8 +451,7 @@ def test_the_digits_conditional_config_is_valid():
 @pytest.mark.slow  # about 30 s cold on two loaded cores: data, network init, three compiles
 def test_launcher_run_drops_labels_and_guides_its_samples():
     from diffusers_unified.errors import ConfigError
-    from diffusers_unified.experiment.sample import sample_labels
-    from diffusers_unified.experiment.train import build_run
+    from diffusers_unified.experiment.run import build_run
 
     run = build_run(_tiny_conditional_config(sampling__class_label=2))
     params = run.init_state().params
@@ -461,7 +460,7 @@ def test_launcher_run_drops_labels_and_guides_its_samples():
     _, aux = jax.jit(run.loss_fn)(params, jax.random.PRNGKey(0), batch)
     assert abs(float(np.mean(aux["label_dropped"])) - 0.5) < 0.04  # 5 binomial SE
 
-    labels = sample_labels(run, 0, 6)
+    labels = run.labels(0, 6)
     np.testing.assert_array_equal(labels, np.full(6, 2))
     captured = {}
     run.sampler = lambda key, score_fn, process, shape: captured.setdefault("score", score_fn)
@@ -477,7 +476,7 @@ def test_launcher_run_drops_labels_and_guides_its_samples():
     )
 
     in_turn = build_run(_tiny_conditional_config())
-    np.testing.assert_array_equal(sample_labels(in_turn, 5, 4), (np.arange(5, 9) % num_classes))
+    np.testing.assert_array_equal(in_turn.labels(5, 4), (np.arange(5, 9) % num_classes))
     too_big = build_run(_tiny_conditional_config(sampling__class_label=num_classes))
     with pytest.raises(ConfigError, match="class_label"):
-        sample_labels(too_big, 0, 4)
+        too_big.labels(0, 4)

@@ -113,12 +113,13 @@ def test_sample_shards_are_kept_apart_by_sampler_setting():
 
 def sample_metric(formulation, samples) -> dict:
     """eval's sample metric (`experiment.sample.sample_metrics`) of `samples`."""
-    from diffusers_unified.experiment import build
     from diffusers_unified.experiment import config as config_lib
+    from diffusers_unified.experiment import kinds
     from diffusers_unified.experiment.sample import sample_metrics
 
     config = config_lib.load_module(str(QUALITY)).get_config(formulation)
-    return sample_metrics(SimpleNamespace(dataset=build.dataset(config)), samples, config.seed)
+    dataset = kinds.DATASETS[config.data.dataset].build(config.data, config.seed)
+    return sample_metrics(SimpleNamespace(dataset=dataset), samples, config.seed)
 
 
 @pytest.mark.parametrize(

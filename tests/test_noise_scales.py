@@ -11,8 +11,9 @@ from diffusers_unified import noise_scales as ns
 from diffusers_unified import samplers
 from diffusers_unified.data.gaussian import GaussianMixture
 from diffusers_unified.errors import ConfigError
-from diffusers_unified.experiment import build
 from diffusers_unified.experiment import config as config_lib
+from diffusers_unified.experiment import kinds
+from diffusers_unified.experiment.run import build_run
 from diffusers_unified.processes import NCSN
 
 # NCSNv2's released configs (ermongroup/ncsnv2, configs/*.yml; LSUN church at 96 x 96
@@ -132,8 +133,9 @@ def test_launcher_computes_auto_noise_scales_from_the_training_data():
     config.process.sigma_max = config_lib.AUTO
     config.sampling.step_size = config_lib.AUTO
     config_lib.check_values(config, 1)
-    process, sampler = build.process(config), build.sampler(config)
-    x, _ = build.dataset(config).model_data("train")
+    run = build_run(config)
+    process, sampler = run.process, run.sampler
+    x, _ = run.dataset.model_data("train")
     assert process.sigma_max == pytest.approx(ns.max_pairwise_distance(x))
     assert process.N == 10
     gamma = (process.sigma_max / 0.01) ** (1 / 9)
@@ -146,7 +148,7 @@ def test_auto_noise_scales_errors_are_config_errors():
     config = _ncsn_toy_config()
     config.process.num_scales = config_lib.AUTO  # 2-D data: technique 2 does not apply
     with pytest.raises(ConfigError, match="process.num_scales=0 .*D >= 5"):
-        build.process(config)
+        build_run(config)
     vp = _config("vpsde/toy2d.py").get_config()
     vp.process.sigma_max = config_lib.AUTO
     with pytest.raises(ConfigError, match="needs process.name in ncsn, vesde"):
@@ -158,4 +160,5 @@ def test_fast_samplers_are_in_the_launchers_table():
     for method, fn in (("dpm_solver", samplers.dpm_solver), ("edm_heun", samplers.edm_heun)):
         config.sampling.method = method
         config_lib.check_values(config, 1)
-        assert build.sampler(config).func is fn
+        sampling = config.sampling
+        assert kinds.SAMPLERS[method].build(sampling, sampling.num_steps or None).func is fn

@@ -159,7 +159,7 @@ def test_b2_kill_before_commit_leaves_tmp_dir_that_restart_removes(killed_in_sav
     # Step 10 was written in full in its temporary directory, but never renamed into place.
     entries = stages["before_commit"]["entries"]
     (tmp,) = [n for n in entries if n != "5"]
-    assert re.fullmatch(r"10\.tmp-\d+-2", tmp), entries
+    assert tmp.startswith("10.orbax-checkpoint-tmp"), entries  # orbax names it
 
     restarted = stages["after_commit"]["result"]
     assert f"WARNING removed incomplete checkpoint {tmp} (no commit marker)" in restarted.stderr
@@ -405,6 +405,22 @@ def test_b18_keep_below_one_is_rejected_at_config_time(keep, tmp_path):
     assert_untouched(workdir)
 
 
+def test_a_work_directory_checkpoint_opens_with_plain_orbax(reference):
+    """The checkpoints are orbax's own: orbax alone reads the newest one, without this package."""
+    import orbax.checkpoint as ocp
+
+    workdir, _, state = reference
+    manager = ocp.CheckpointManager(workdir / "checkpoints", item_names=("state", "metadata"))
+    step = manager.latest_step()
+    restored = manager.restore(
+        step,
+        args=ocp.args.Composite(state=ocp.args.PyTreeRestore(), metadata=ocp.args.JsonRestore()),
+    )
+    manager.close()
+    assert step == 20 and restored.metadata == {"step": 20}
+    chex.assert_trees_all_equal(lu.leaves(restored.state), lu.leaves(state))
+
+
 def test_b18_keep_policy_is_numeric_across_restarts(tmp_path):
     """Unit test of the manager: no training. test_checkpoints.py covers one manager's keep;
     here the steps come from three "runs" (managers) and the names sort differently as text."""
@@ -417,7 +433,7 @@ def test_b18_keep_policy_is_numeric_across_restarts(tmp_path):
         for step in steps:
             manager.save(step, state(step))
         manager.close()
-    (tmp_path / "10000.tmp-1-1").mkdir()  # a dead save's leftover is never a step
+    (tmp_path / "10000.orbax-checkpoint-tmp").mkdir()  # a dead save's leftover is never a step
     manager = CheckpointManager(tmp_path, keep=2)
     assert manager.all_steps() == [9000, 10000]
     assert manager.latest_step() == 10000

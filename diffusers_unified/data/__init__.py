@@ -1,31 +1,32 @@
 """Data: toy 2-D sets, Gaussian mixtures with exact scores, digits, `.npz` files and image folders.
 
 Every source is embedded or a user file; nothing is downloaded. Builders
-return an in-memory `Dataset`; `Dataset.device_arrays()` puts a split on the
-device once, `batch(arrays, seed, step, batch_size)` draws the batch of a
-step as a pure function of (seed, step), and `validate_batch` turns bad data
-into a `DataError` that names what is wrong.
+(`vectors`, `images`) return an in-memory `Dataset` (`dataset`), whose
+`Scaling` (`scaling`) says how stored values become model inputs;
+`Dataset.device_arrays()` puts a split on the device once, `batch(arrays,
+seed, step, batch_size)` draws the batch of a step as a pure function of
+(seed, step) (`batching`), and `validate_batch` turns bad data into a
+`DataError` that names what is wrong (`validation`).
 """
 
-from diffusers_unified.data.datasets import (
-    KINDS,
-    DataArrays,
-    Dataset,
-    Scaling,
-    array_dataset,
+from diffusers_unified.data.batching import (
+    Batcher,
     batch,
     batch_indices,
-    digits_dataset,
+    dequantize_key,
     epoch_permutation,
     eval_batches,
-    exact_mixture,
+    gather,
+)
+from diffusers_unified.data.dataset import DataArrays, Dataset, split_indices
+from diffusers_unified.data.gaussian import ExactScore, GaussianMixture, example_mixture
+from diffusers_unified.data.images import (
+    array_dataset,
+    digits_dataset,
     image_folder_dataset,
     npz_dataset,
-    split_indices,
-    toy_dataset,
-    validate_batch,
 )
-from diffusers_unified.data.gaussian import ExactScore, GaussianMixture, example_mixture
+from diffusers_unified.data.scaling import Scaling
 from diffusers_unified.data.toy import (
     TOY_NAMES,
     TOY_NUM_CLASSES,
@@ -33,11 +34,14 @@ from diffusers_unified.data.toy import (
     sample_toy,
     sample_toy_with_labels,
 )
+from diffusers_unified.data.validation import KINDS, validate_batch
+from diffusers_unified.data.vectors import exact_mixture, toy_dataset
 
 __all__ = [
     "KINDS",
     "TOY_NAMES",
     "TOY_NUM_CLASSES",
+    "Batcher",
     "DataArrays",
     "Dataset",
     "ExactScore",
@@ -46,12 +50,14 @@ __all__ = [
     "array_dataset",
     "batch",
     "batch_indices",
+    "dequantize_key",
     "digits_dataset",
     "eight_gaussians_mixture",
     "epoch_permutation",
     "eval_batches",
     "exact_mixture",
     "example_mixture",
+    "gather",
     "image_folder_dataset",
     "npz_dataset",
     "sample_toy",

@@ -18,6 +18,7 @@ from typing import Any
 import ml_collections
 
 from diffusers_unified.errors import CheckpointError, ConfigError
+from diffusers_unified.experiment import kinds
 
 CONFIGS_DIR = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "configs"))
 # Config files import their defaults as `configs.<module>` (the score SDE code's
@@ -110,27 +111,46 @@ def check_overrides(argv: list[str], config) -> None:
 
 # -- values ----------------------------------------------------------------------------
 
+# Valid values. Keys that name a kind take the names of its table in `kinds`; the
+# others take a library module's option list, spelled here because these checks run
+# before JAX (and so the library) is imported; tests/test_kinds.py checks that each
+# list equals the library's.
 CHOICES = {
-    "data.dataset": ("toy", "gmm", "digits", "npz", "image_folder"),
-    "process.name": ("vpsde", "subvpsde", "vesde", "ddpm", "ncsn"),
-    "process.schedule": ("linear", "cosine"),
-    "model.name": ("mlp", "unet"),
-    "model.parametrization": ("eps", "x0", "score", "v"),
-    "model.embedding": ("sinusoidal", "fourier"),
-    "training.loss": ("ddpm", "ncsn", "dsm", "ssm"),
-    "training.weighting": ("sigma2", "likelihood"),
-    "training.reduce": ("mean", "sum"),
-    "optim.optimizer": ("adam", "adamw"),
-    "sampling.method": ("ancestral", "ddim", "ald", "pc", "ode", "dpm_solver", "edm_heun"),
-    "sampling.predictor": ("none", "euler_maruyama", "reverse_diffusion", "ancestral", "ddim"),
-    "sampling.corrector": ("none", "langevin", "ald"),
-    "sampling.variance": ("small", "large"),
-    "sampling.ode_method": ("euler", "heun", "rk4", "dopri5", "tsit5"),
-    "sampling.edm_scaling": ("none", "vp"),
+    "data.dataset": tuple(kinds.DATASETS),
+    "process.name": tuple(kinds.PROCESSES),
+    "process.schedule": ("linear", "cosine"),  # processes.DDPM.SCHEDULES
+    "model.name": tuple(kinds.NETS),
+    "model.parametrization": ("eps", "x0", "score", "v"),  # parametrization.PARAMETRIZATIONS
+    "model.embedding": ("sinusoidal", "fourier"),  # nets.EMBEDDINGS
+    "training.loss": tuple(kinds.LOSSES),
+    "training.weighting": ("sigma2", "likelihood"),  # losses.WEIGHTINGS
+    "training.reduce": ("mean", "sum"),  # losses.REDUCTIONS
+    "optim.optimizer": ("adam", "adamw"),  # training.optimizer.OPTIMIZERS
+    "sampling.method": tuple(kinds.SAMPLERS),
+    "sampling.predictor": tuple(kinds.PREDICTORS),
+    "sampling.corrector": tuple(kinds.CORRECTORS),
+    "sampling.variance": ("small", "large"),  # samplers.pc.VARIANCES
+    "sampling.ode_method": ("euler", "heun", "rk4", "dopri5", "tsit5"),  # samplers.ode.METHODS
+    "sampling.edm_scaling": ("none", "vp"),  # samplers.fast.EDM_SCALINGS
     "eval.likelihood": ("ode", "bound", "all", "none"),
-    "eval.divergence": ("exact", "hutchinson"),
-    "eval.probe": ("rademacher", "gaussian"),
-    "eval.ode_method": ("euler", "heun", "rk4", "dopri5", "tsit5"),
+    "eval.divergence": ("exact", "hutchinson"),  # likelihood.DIVERGENCES
+    "eval.probe": ("rademacher", "gaussian"),  # likelihood.PROBES
+    "eval.ode_method": ("euler", "heun", "rk4", "dopri5", "tsit5"),  # samplers.ode.METHODS
+}
+# The library's option list each of those keys must equal (module, attribute).
+LIBRARY_CHOICES = {
+    "process.schedule": ("processes", "DDPM.SCHEDULES"),
+    "model.parametrization": ("parametrization", "PARAMETRIZATIONS"),
+    "model.embedding": ("nets", "EMBEDDINGS"),
+    "training.weighting": ("losses", "WEIGHTINGS"),
+    "training.reduce": ("losses", "REDUCTIONS"),
+    "optim.optimizer": ("training.optimizer", "OPTIMIZERS"),
+    "sampling.variance": ("samplers.pc", "VARIANCES"),
+    "sampling.ode_method": ("samplers.ode", "METHODS"),
+    "sampling.edm_scaling": ("samplers.fast", "EDM_SCALINGS"),
+    "eval.divergence": ("likelihood", "DIVERGENCES"),
+    "eval.probe": ("likelihood", "PROBES"),
+    "eval.ode_method": ("samplers.ode", "METHODS"),
 }
 POSITIVE_INTS = (
     "data.num_train",
@@ -189,7 +209,6 @@ UNIT_INTERVAL = (
 # for the variance-exploding processes.
 AUTO = 0
 AUTO_KEYS = ("process.sigma_max", "process.num_scales", "sampling.step_size")
-AUTO_PROCESSES = ("ncsn", "vesde")
 
 
 def auto_keys(config) -> list[str]:
@@ -202,14 +221,16 @@ def check_values(config, device_count: int | None = None) -> None:
     """Names, signs, ranges and the rules that tie keys together."""
     values = dict(flatten(config))
     auto = auto_keys(config)
-    if auto and values["process.name"] not in AUTO_PROCESSES:
-        raise ConfigError(
-            f"{', '.join(f'{k}=0' for k in auto)} (auto: NCSNv2's noise scales from the data) "
-            f"needs process.name in {', '.join(AUTO_PROCESSES)}, got {values['process.name']!r}"
-        )
     for key, valid in CHOICES.items():
         if values[key] not in valid:
             raise ConfigError(f"{key}={values[key]!r} is not one of: {', '.join(valid)}")
+    process = kinds.PROCESSES[values["process.name"]]
+    if auto and not process.auto_noise_scales:
+        able = sorted(name for name, kind in kinds.PROCESSES.items() if kind.auto_noise_scales)
+        raise ConfigError(
+            f"{', '.join(f'{k}=0' for k in auto)} (auto: NCSNv2's noise scales from the data) "
+            f"needs process.name in {', '.join(able)}, got {values['process.name']!r}"
+        )
     for key in POSITIVE_INTS:
         if values[key] <= 0 and key not in auto:
             raise ConfigError(f"{key}={values[key]} must be a positive integer")
@@ -235,13 +256,13 @@ def check_values(config, device_count: int | None = None) -> None:
             f"process.sigma_min={values['process.sigma_min']} must be below process.sigma_max="
             f"{values['process.sigma_max']}"
         )
-    if values["eval.likelihood"] == "bound" and values["process.name"] != "ddpm":
+    if values["eval.likelihood"] == "bound" and not process.variational_bound:
         raise ConfigError(
             f"eval.likelihood='bound' is DDPM's variational bound, but process.name="
             f"{values['process.name']!r}; use 'ode' (any process) or 'all'"
         )
     _check_conditioning(values)
-    if values["data.dataset"] in ("npz", "image_folder") and not values["data.path"]:
+    if kinds.DATASETS[values["data.dataset"]].needs_path and not values["data.path"]:
         raise ConfigError(f"data.dataset={values['data.dataset']!r} needs data.path")
     if values["data.num_channels"] not in (1, 3):
         raise ConfigError(f"data.num_channels={values['data.num_channels']} must be 1 or 3")

@@ -5,8 +5,7 @@ atomically once finished: sample shards (as `--mode=sample` writes them) and
 likelihood batches, under eval/step_<k>_parts/<tag>/, where the tag hashes
 every setting the part depends on. A rerun after a kill loads the finished
 parts and computes only the rest, so it ends with exactly the numbers of an
-uninterrupted run. Fault hook for the tests: DU_FAULT_KILL_AFTER_EVAL_PARTS=k
-sends this process SIGKILL once it has written k likelihood batches.
+uninterrupted run (the tests kill it with `faults.KILL_AFTER_EVAL_PARTS`).
 
 Likelihoods (config `eval.likelihood`): the probability-flow ODE's
 log-likelihood (any process) and DDPM's variational bound (DDPM only), on
@@ -14,8 +13,8 @@ the first `eval.num_likelihood` held-out examples, in nats and bits/dim.
 Quantised data (images) are dequantised with uniform noise and the bits/dim
 carry the data layer's offset (`Scaling.bpd_offset`, 7 for centred 8-bit
 images); continuous data report the density in model units (offset 0). For
-the "gmm" data set, whose density is known, the exact NLL of the same
-examples is reported next to the model's.
+data whose density is known (the Gaussian-mixture toy sets), the exact NLL
+of the same examples is reported next to the model's.
 """
 
 from __future__ import annotations
@@ -25,20 +24,17 @@ import hashlib
 import json
 import logging
 import os
-import signal
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffusers_unified import likelihood, metrics
-from diffusers_unified.data.gaussian import example_mixture
-from diffusers_unified.experiment import build
+from diffusers_unified import faults, likelihood, metrics
+from diffusers_unified.experiment import kinds
 from diffusers_unified.experiment.figures import save_npz
-from diffusers_unified.experiment.sample import SAMPLE_STREAM, draw, restore, sample_metrics
-from diffusers_unified.experiment.train import Run, build_run
+from diffusers_unified.experiment.run import Run, build_run, restore
+from diffusers_unified.experiment.sample import SAMPLE_STREAM, draw, sample_metrics
 from diffusers_unified.experiment.workdir import Workdir, atomic_write
-from diffusers_unified.processes import DDPM
 
 logger = logging.getLogger("diffusers_unified")
 
@@ -58,7 +54,7 @@ def evaluate(config, workdir: str, checkpoint: str = "latest", on_corrupt: str =
     x, _, nfe = draw(run, state.ema_params, config.eval.num_samples, key, parts)
     result = {
         "step": step,
-        "sampler": build.describe_sampler(config),
+        "sampler": run.describe_sampler(),
         "nfe": nfe,
         **sample_metrics(run, x, config.seed),
         **distribution_metrics(run, x, config.seed),
@@ -74,9 +70,9 @@ def evaluate(config, workdir: str, checkpoint: str = "latest", on_corrupt: str =
 
 def likelihood_kinds(config, run: Run) -> tuple[str, ...]:
     choice = config.eval.likelihood
-    has_bound = isinstance(run.process, DDPM)
+    has_bound = kinds.PROCESSES[config.process.name].variational_bound
     if choice == "bound" and not has_bound:
-        raise ValueError("eval.likelihood='bound' needs process.name='ddpm'")
+        raise ValueError(f"eval.likelihood='bound': process {config.process.name!r} has none")
     return {
         "none": (),
         "ode": ("ode",),
@@ -86,7 +82,7 @@ def likelihood_kinds(config, run: Run) -> tuple[str, ...]:
 
 
 def distribution_metrics(run: Run, samples: np.ndarray, seed: int) -> dict:
-    """MMD and energy distance to held-out data; for "gmm", log-density and mode coverage.
+    """MMD and energy distance to held-out data; log-density and mode coverage if it is known.
 
     Images (and any data over 16 dimensions) also get the Frechet distance
     and KID on a fixed random ReLU embedding (`metrics.random_features`),
@@ -105,7 +101,7 @@ def distribution_metrics(run: Run, samples: np.ndarray, seed: int) -> dict:
         kid, kid_std = metrics.kernel_inception_distance(x, y, features, subset_size=min(n, 1000))
         out.update(frechet_distance_rf=metrics.frechet_distance(x, y, features), kid_rf=kid)
         out["kid_rf_std"] = kid_std
-    mixture = _known_mixture(run)
+    mixture = run.dataset.mixture
     if mixture is not None:
         covered, share = metrics.mode_coverage(samples, mixture)
         out.update(
@@ -115,13 +111,6 @@ def distribution_metrics(run: Run, samples: np.ndarray, seed: int) -> dict:
             mode_share=[round(float(s), 4) for s in share],
         )
     return out
-
-
-def _known_mixture(run: Run):
-    data = run.config.data
-    if data.dataset != "gmm":
-        return None
-    return example_mixture(run.dataset.data_shape[0])
 
 
 def _likelihood_fn(run: Run, kind: str):
@@ -214,7 +203,7 @@ def held_out_likelihood(run: Run, params, kind: str, key, parts_dir: str) -> dic
         part = {name: np.asarray(v)[:keep] for name, v in values.items()}
         save_npz(path, **part)
         results.append(part)
-        _fault_after_part()
+        faults.after_part_written(faults.KILL_AFTER_EVAL_PARTS)
     merged = {name: np.concatenate([r[name] for r in results]) for name in results[0]}
     prefix = "ode" if kind == "ode" else "bound"
     bpd = merged["bpd"]
@@ -229,7 +218,7 @@ def held_out_likelihood(run: Run, params, kind: str, key, parts_dir: str) -> dic
     else:
         for term in ("prior_bpd", "kl_bpd", "decoder_bpd"):
             out[f"bound_{term}"] = float(merged[term].mean())
-    mixture = _known_mixture(run)
+    mixture = run.dataset.mixture
     if mixture is not None:
         exact = -np.asarray(mixture.log_prob(jnp.asarray(stored[:n], jnp.float32)))
         out["data_nll_nats"] = float(exact.mean())  # the true density's NLL of the same examples
@@ -244,13 +233,3 @@ def held_out_likelihood(run: Run, params, kind: str, key, parts_dir: str) -> dic
         out,
     )
     return out
-
-
-_parts_written = 0
-
-
-def _fault_after_part() -> None:
-    global _parts_written
-    _parts_written += 1
-    if os.environ.get("DU_FAULT_KILL_AFTER_EVAL_PARTS") == str(_parts_written):
-        os.kill(os.getpid(), signal.SIGKILL)

@@ -2,7 +2,8 @@
 
 Samples are written in numbered shards, each atomically, so a killed run
 resumes where it stopped and a finished one is bit-identical to an
-uninterrupted run; then concatenated into samples.npz with a figure.
+uninterrupted run; then concatenated into samples.npz with a figure. Also
+the training loop's sample snapshots.
 """
 
 from __future__ import annotations
@@ -17,31 +18,14 @@ import time
 import jax
 import numpy as np
 
-from diffusers_unified.errors import CheckpointError, ConfigError
-from diffusers_unified.experiment import build
 from diffusers_unified.experiment.figures import save_npz, save_samples_figure
-from diffusers_unified.experiment.train import Run, build_run
+from diffusers_unified.experiment.run import Run, build_run, host_copy, restore
 from diffusers_unified.experiment.workdir import Workdir
 from diffusers_unified.metrics import sliced_wasserstein
-from diffusers_unified.training.checkpoints import CheckpointManager
 
 logger = logging.getLogger("diffusers_unified")
 
 SAMPLE_STREAM = 2_000_003  # keeps sampling keys apart from training keys fold_in(key, step)
-
-
-def restore(run: Run, wd: Workdir, checkpoint: str = "latest", on_corrupt: str = "raise"):
-    """(step, TrainState) of the requested committed checkpoint; exit 5 if there is none."""
-    ckpt = CheckpointManager(wd.checkpoints)
-    latest = ckpt.latest_step()
-    if latest is None:
-        raise CheckpointError(
-            f"no committed checkpoint found in {wd.checkpoints}: sampling and evaluation need a "
-            "trained model (train first with --mode=train)"
-        )
-    step = latest if checkpoint == "latest" else int(checkpoint)
-    state, _ = ckpt.restore(step, target=run.init_state(), on_corrupt=on_corrupt)
-    return int(state.step), state
 
 
 def sampler_tag(config) -> str:
@@ -51,24 +35,6 @@ def sampler_tag(config) -> str:
     keep["model"] = config.model.to_dict()
     text = json.dumps(keep, sort_keys=True, default=list)
     return hashlib.sha256(text.encode()).hexdigest()[:12]
-
-
-def sample_labels(run: Run, start: int, n: int):
-    """Labels of samples start ... start + n - 1: sampling.class_label, or classes in turn.
-
-    None for an unconditional model.
-    """
-    if not run.config.model.class_conditional:
-        return None
-    k, label = run.dataset.num_classes, run.config.sampling.class_label
-    if label >= k:
-        raise ConfigError(
-            f"sampling.class_label={label}, but dataset {run.dataset.name!r} has "
-            f"{k} classes (0 ... {k - 1})"
-        )
-    if label >= 0:
-        return jax.numpy.full((n,), label, jax.numpy.int32)
-    return jax.numpy.arange(start, start + n, dtype=jax.numpy.int32) % k
 
 
 def draw(run: Run, params, n: int, key, out_dir: str | None = None, seconds=None):
@@ -93,7 +59,7 @@ def draw(run: Run, params, n: int, key, out_dir: str | None = None, seconds=None
                 ys.append(shard["labels"] if "labels" in shard else None)
                 nfe = int(shard["nfe"])
             continue
-        y = sample_labels(run, i * batch, batch)
+        y = run.labels(i * batch, batch)
         start = time.perf_counter()
         out = run.sample(jax.random.fold_in(key, i), params, batch, y)
         x = np.asarray(jax.device_get(out.samples))
@@ -131,12 +97,12 @@ def sample(config, workdir: str, checkpoint: str = "latest", on_corrupt: str = "
         x,
         run.dataset.scaling,
         reference,
-        title=f"step {step}, {build.describe_sampler(config)}",
+        title=f"step {step}, {run.describe_sampler()}",
     )
     logger.info(
         "wrote %d samples of %s (NFE %d each) to %s and %s",
         n,
-        build.describe_sampler(config),
+        run.describe_sampler(),
         nfe,
         path,
         figure,
@@ -172,3 +138,28 @@ def sample_metrics(run: Run, samples: np.ndarray, seed: int, splits: int = 8) ->
         "sw_over_floor": sw / floor,
         "sw_examples": h,
     }
+
+
+def snapshot(run: Run, wd: Workdir, state, step: int, n: int = 512) -> str:
+    """Samples with the EMA parameters and saves a figure (and the samples) under snapshots/."""
+    os.makedirs(wd.snapshots, exist_ok=True)
+    n = min(n, run.config.sampling.batch_size)
+    n -= n % len(run.mesh.devices.flat)
+    key = jax.random.fold_in(jax.random.PRNGKey(run.config.seed), 1_000_000 + step)
+    # Host copies: sampled on this process's default device alone, not across the mesh.
+    # A class-conditional model draws the labels of --mode=sample (sampling.class_label).
+    params = jax.tree.map(host_copy, state.ema_params)
+    out = run.sample(key, params, n, y=run.labels(0, n))
+    samples = np.asarray(jax.device_get(out.samples))
+    path = os.path.join(wd.snapshots, f"step_{step}.png")
+    reference = run.dataset.model_data("test")[0][:n]
+    save_samples_figure(
+        path,
+        samples,
+        run.dataset.scaling,
+        reference,
+        title=f"step {step}, {run.describe_sampler()}",
+    )
+    save_npz(os.path.join(wd.snapshots, f"step_{step}.npz"), samples=samples)
+    logger.info("snapshot at step %d: %s (NFE %d)", step, path, int(out.nfe))
+    return path

@@ -28,7 +28,6 @@ import ml_collections
 import numpy as np
 
 from diffusers_unified.errors import ConfigError, DiffusersUnifiedError
-from diffusers_unified.experiment import build
 from diffusers_unified.experiment import config as config_lib
 from diffusers_unified.experiment.workdir import Workdir, atomic_write
 
@@ -113,6 +112,7 @@ def variant_configs(study: Study) -> list[tuple[str, ml_collections.ConfigDict]]
 
 def run_variant(name: str, config, study: Study, root: str) -> dict:
     """Trains (or resumes) one variant, then samples and measures it with every sampler."""
+    from diffusers_unified.experiment import run as run_lib
     from diffusers_unified.experiment import sample, train
 
     vdir = os.path.join(root, _dirname(name))
@@ -133,8 +133,8 @@ def run_variant(name: str, config, study: Study, root: str) -> dict:
             if overrides is None:
                 continue
         sconfig = apply_overrides(config, overrides, f"study {study.name!r}, sampler {label!r}")
-        run = train.build_run(sconfig)
-        step, state = sample.restore(run, wd)
+        run = run_lib.build_run(sconfig)
+        step, state = run_lib.restore(run, wd)
         key = jax.random.fold_in(jax.random.PRNGKey(config.seed), sample.SAMPLE_STREAM + step)
         n = sconfig.eval.num_samples
         seconds = []  # per shard; the first one includes compiling the sampler
@@ -151,7 +151,7 @@ def run_variant(name: str, config, study: Study, root: str) -> dict:
             {
                 "variant": name,
                 "sampler": label,
-                "sampler_config": build.describe_sampler(sconfig),
+                "sampler_config": run.describe_sampler(),
                 "nfe": nfe,
                 "sample_seconds": seconds,
                 "train_seconds": train_seconds,
@@ -179,11 +179,12 @@ def variant_likelihood(config, kind: str, wd: Workdir) -> dict:
     """The held-out likelihood figures of a trained variant (as `--mode=eval` reports them)."""
     if kind == "none":
         return {}
-    from diffusers_unified.experiment import evaluate, sample, train
+    from diffusers_unified.experiment import evaluate
+    from diffusers_unified.experiment import run as run_lib
 
     config = apply_overrides(config, {"eval.likelihood": kind}, "the study's likelihood")
-    run = train.build_run(config)
-    step, state = sample.restore(run, wd)
+    run = run_lib.build_run(config)
+    step, state = run_lib.restore(run, wd)
     key = jax.random.fold_in(jax.random.PRNGKey(config.seed), evaluate.LIKELIHOOD_STREAM + step)
     parts = os.path.join(wd.eval, f"step_{step}_parts")
     out = {}

@@ -6,14 +6,8 @@ the step, parameters, EMA parameters, optimiser state and key: a run killed
 at any point and restarted with the same command ends bit for bit where an
 uninterrupted run ends (on the same platform and device count).
 
-Fault-injection hooks for the reliability tests, read from the environment
-(no effect when unset): DU_FAULT_KILL_AT_STEP=k (SIGKILL right after update
-k, before its checkpoint), DU_FAULT_NAN_AT_STEP=k[,k2...] (update k's loss is
-multiplied by NaN), DU_FAULT_STEP_SLEEP=seconds (sleep after each update, so
-a test can signal a run mid-way); the checkpoint hooks are in
-training.checkpoints. DU_DUMP_FINAL_STATE=dir makes every process write the
-final state as its own devices hold it to dir/final_state.<process>.npz (the
-multi-process test compares them).
+The reliability tests' fault hooks (kill or NaN at a step, a slow step, a
+dump of the final state) are called through `diffusers_unified.faults`.
 
 Several processes (config section `distributed`, joined by the launcher with
 `jax.distributed.initialize`) train one data-parallel model: the mesh spans
@@ -27,7 +21,6 @@ resumed from, so every process stops together with the same exit code.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import signal
@@ -37,115 +30,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
-from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
 
-from diffusers_unified import errors
-from diffusers_unified.data import datasets
+from diffusers_unified import data, errors, faults
 from diffusers_unified.errors import CheckpointError, NonFiniteError, Preempted
-from diffusers_unified.experiment import build
 from diffusers_unified.experiment import config as config_lib
+from diffusers_unified.experiment.run import Run, build_run, host_copy
+from diffusers_unified.experiment.sample import snapshot
 from diffusers_unified.experiment.workdir import Workdir
-from diffusers_unified.parametrization import make_score_fn
 from diffusers_unified.training.checkpoints import CheckpointManager, estimate_checkpoint_bytes
-from diffusers_unified.training.optimizer import make_optimizer
 from diffusers_unified.training.state import TrainState
 from diffusers_unified.training.step import make_train_step
 
 logger = logging.getLogger("diffusers_unified")
-
-
-@dataclasses.dataclass
-class Run:
-    """Everything built from a config: data, process, network, loss, sampler, devices."""
-
-    config: object
-    dataset: datasets.Dataset
-    process: object
-    net: object
-    loss_fn: object
-    sampler: object
-    data_shape: tuple[int, ...]
-    mesh: Mesh
-
-    @property
-    def replicated(self) -> NamedSharding:
-        return NamedSharding(self.mesh, P())
-
-    @property
-    def batch_sharding(self) -> NamedSharding:
-        return NamedSharding(self.mesh, P("data"))
-
-    def score_fn(self, params, y=None, guidance=None):
-        return make_score_fn(
-            self.process, self.net, params, self.config.model.parametrization, y, guidance
-        )
-
-    def init_state(self) -> TrainState:
-        key = jax.random.PRNGKey(self.config.seed)
-        key_init, key_train = jax.random.split(key)
-        y = None
-        if self.config.model.class_conditional:
-            y = jnp.zeros((1,), jnp.int32)
-        params = self.net.init(key_init, (1, *self.data_shape), y)
-        return TrainState.create(params, optimizer(self.config), jax.random.key_data(key_train))
-
-    def sample(self, key, params, n: int, y=None):
-        """n samples from the config's sampler with `params` (jitted once per n).
-
-        With labels y, guided by sampling.guidance_weight when it is > 0.
-        """
-        w = self.config.sampling.guidance_weight
-        score_fn = self.score_fn(params, y, w if y is not None and w > 0 else None)
-        return self.sampler(key, score_fn, self.process, (n, *self.data_shape))
-
-
-def optimizer(config):
-    o = config.optim
-    return make_optimizer(
-        o.optimizer, o.lr, o.beta1, o.beta2, o.eps, o.weight_decay, o.warmup, o.grad_clip
-    )
-
-
-def build_run(config) -> Run:
-    """Builds and cross-checks every object of a run; fails before any training step."""
-    ds = build.dataset(config)
-    expected, source = build.expected_data_shape(config, ds)
-    if ds.data_shape != expected:
-        datasets.validate_batch(
-            {"x": np.zeros((1, *ds.data_shape), np.float32), "y": None},
-            expected,
-            None,
-            name=ds.name,
-            shape_source=source,
-        )  # fmt: skip  (raises the shape DataError)
-    process = build.process(config)
-    net = build.network(config, ds)
-    loss_fn = build.loss(config, process, net)
-    sampler = build.sampler(config)
-    mesh = Mesh(np.asarray(jax.devices()), ("data",))
-    run = Run(config, ds, process, net, loss_fn, sampler, ds.data_shape, mesh)
-    check_sampler(run)
-    return run
-
-
-def check_sampler(run: Run) -> None:
-    """Traces the sampler once with a stand-in score, so a bad option fails now, not later."""
-    from diffusers_unified.errors import ConfigError
-
-    zero_score = lambda x, t: jnp.zeros_like(x)
-    try:
-        jax.eval_shape(
-            lambda key: run.sampler(key, zero_score, run.process, (2, *run.data_shape)),
-            jax.random.PRNGKey(0),
-        )
-    except ValueError as e:
-        raise ConfigError(f"sampling section: {e}") from e
-
-
-def _fault_steps(name: str) -> set[int]:
-    value = os.environ.get(name, "")
-    return {int(v) for v in value.split(",") if v.strip()}
 
 
 class _SigtermFlag:
@@ -272,7 +168,7 @@ def make_train_chunk(run: Run, traces: list[int] | None = None):
     conditional = config.model.class_conditional
     step_fn = make_train_step(
         run.loss_fn,
-        optimizer(config),
+        run.optimizer,
         config.model.ema_rate,
         skip_nonfinite=config.optim.skip_nonfinite > 0,
     )
@@ -280,13 +176,13 @@ def make_train_chunk(run: Run, traces: list[int] | None = None):
     shardings = (run.replicated, run.replicated)
 
     def update(state, arrays, idx, loss_scale):
-        key = datasets.dequantize_key(config.seed, state.step) if dequantize else None
-        batch = datasets.gather(arrays, idx, key)
+        key = data.dequantize_key(config.seed, state.step) if dequantize else None
+        batch = data.gather(arrays, idx, key)
         batch = {"x": batch["x"], "y": batch["y"] if conditional else None}
         batch = jax.lax.with_sharding_constraint(batch, run.batch_sharding)
         return step_fn(state, batch, loss_scale)
 
-    if config.model.name == "unet" and jax.default_backend() == "cpu":
+    if run.net_kind.convolutional and jax.default_backend() == "cpu":
 
         def counted(*args):
             traces[0] += 1  # runs only while tracing: counts compilations
@@ -319,11 +215,9 @@ def _loop(
     k = t.n_jitted_steps
     arrays = run.dataset.device_arrays("train", run.replicated)
     dequantize = config.data.uniform_dequantization
-    batcher = datasets.Batcher(arrays, config.seed, t.batch_size, dequantize=dequantize)
-    expected, source = build.expected_data_shape(config, run.dataset)
-    nan_steps = _fault_steps("DU_FAULT_NAN_AT_STEP")
-    kill_steps = _fault_steps("DU_FAULT_KILL_AT_STEP")
-    sleep = float(os.environ.get("DU_FAULT_STEP_SLEEP", "0") or 0)
+    batcher = data.Batcher(arrays, config.seed, t.batch_size, dequantize=dequantize)
+    expected, source = run.expected_data_shape()
+    nan_steps = faults.nan_steps()
     conditional = config.model.class_conditional
     traces = [0]
     train_chunk = make_train_chunk(run, traces)
@@ -340,7 +234,7 @@ def _loop(
             steps = range(first, first + k)
             for step in steps:
                 if validate_all or validate == 0 or updates + step - first < validate:
-                    datasets.validate_batch(
+                    data.validate_batch(
                         batcher(step),
                         expected,
                         run.dataset.centered if run.dataset.kind == "image" else None,
@@ -362,10 +256,7 @@ def _loop(
             window_skipped += int(skipped.sum())
             updates += k
             progress.update(k)
-            if sleep:
-                time.sleep(sleep)
-            if any(first < s <= first + k for s in kill_steps):
-                os.kill(os.getpid(), signal.SIGKILL)
+            faults.after_updates(first, first + k)
             done = int(state.step)
             if done % t.log_freq == 0 or done == t.n_iters:
                 elapsed = time.perf_counter() - window_start
@@ -426,18 +317,12 @@ def _save(ckpt: CheckpointManager | None, state: TrainState, step: int) -> None:
         _share_outcome(None)
         return
     try:
-        host = jax.tree.map(_to_host, state)
+        host = jax.tree.map(host_copy, state)
         ckpt.save(step, host, metadata={"step": step})
     except Exception as e:
         _share_outcome(e)
         raise
     _share_outcome(None)
-
-
-def _to_host(x):
-    if isinstance(x, jax.Array) and not x.is_fully_addressable:
-        return np.asarray(x.addressable_data(0))  # replicated across processes
-    return np.asarray(x)
 
 
 # -- several processes ---------------------------------------------------------------------
@@ -491,11 +376,11 @@ def _any_process(flag: bool) -> bool:
 
 
 def _dump_state(state: TrainState) -> None:
-    """Test hook DU_DUMP_FINAL_STATE=dir: this process's copy of the state, as an .npz file."""
-    directory = os.environ.get("DU_DUMP_FINAL_STATE")
+    """Test hook (faults.DUMP_FINAL_STATE): this process's copy of the state, as an .npz file."""
+    directory = faults.dump_directory()
     if not directory:
         return
-    flat = jax.tree_util.tree_flatten_with_path(jax.tree.map(_to_host, state))[0]
+    flat = jax.tree_util.tree_flatten_with_path(jax.tree.map(host_copy, state))[0]
     arrays = {jax.tree_util.keystr(p, simple=True, separator="/"): a for p, a in flat}
     os.makedirs(directory, exist_ok=True)
     np.savez(os.path.join(directory, f"final_state.{jax.process_index()}.npz"), **arrays)
@@ -547,15 +432,15 @@ def _check_finite(run, state, metrics, first, last_saved, previous, debug_nans):
 def _debug_nans(run: Run, state: TrainState, bad_step: int) -> str:
     """Replays the chunk up to the failing update op by op, under jax_debug_nans."""
     config = run.config
-    step_fn = make_train_step(run.loss_fn, optimizer(config), config.model.ema_rate)
+    step_fn = make_train_step(run.loss_fn, run.optimizer, config.model.ema_rate)
     arrays = run.dataset.device_arrays("train")
-    batcher = datasets.Batcher(
+    batcher = data.Batcher(
         arrays,
         config.seed,
         config.training.batch_size,
         dequantize=config.data.uniform_dequantization,
     )
-    nan_steps = _fault_steps("DU_FAULT_NAN_AT_STEP")
+    nan_steps = faults.nan_steps()
     state = jax.device_get(state)
     try:
         for step in range(int(state.step), bad_step):
@@ -568,34 +453,6 @@ def _debug_nans(run: Run, state: TrainState, bad_step: int) -> str:
     except FloatingPointError as e:
         return f"--debug_nans: {str(e).splitlines()[0]}"
     return "--debug_nans: the update did not reproduce the non-finite value op by op."
-
-
-def snapshot(run: Run, wd: Workdir, state: TrainState, step: int, n: int = 512) -> str:
-    """Samples with the EMA parameters and saves a figure (and the samples) under snapshots/."""
-    from diffusers_unified.experiment.figures import save_npz, save_samples_figure
-    from diffusers_unified.experiment.sample import sample_labels
-
-    os.makedirs(wd.snapshots, exist_ok=True)
-    n = min(n, run.config.sampling.batch_size)
-    n -= n % len(run.mesh.devices.flat)
-    key = jax.random.fold_in(jax.random.PRNGKey(run.config.seed), 1_000_000 + step)
-    # Host copies: sampled on this process's default device alone, not across the mesh.
-    # A class-conditional model draws the labels of --mode=sample (sampling.class_label).
-    params = jax.tree.map(_to_host, state.ema_params)
-    out = run.sample(key, params, n, y=sample_labels(run, 0, n))
-    samples = np.asarray(jax.device_get(out.samples))
-    path = os.path.join(wd.snapshots, f"step_{step}.png")
-    reference = run.dataset.model_data("test")[0][:n]
-    save_samples_figure(
-        path,
-        samples,
-        run.dataset.scaling,
-        reference,
-        title=f"step {step}, {build.describe_sampler(run.config)}",
-    )
-    save_npz(os.path.join(wd.snapshots, f"step_{step}.npz"), samples=samples)
-    logger.info("snapshot at step %d: %s (NFE %d)", step, path, int(out.nfe))
-    return path
 
 
 def _progress(start: int, total: int):
