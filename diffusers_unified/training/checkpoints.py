@@ -10,13 +10,10 @@ opens them without this package. On top of orbax this module keeps only
 what the reliability scenarios need and orbax does not offer:
 
 - a manifest, ``COMMIT``, written into the temporary directory just before
-  orbax renames it into place: every file's size and crc32. On restore,
-  every listed file is checked *before* orbax reads it, so a truncated or
-  garbage file is reported by step and file name instead of surfacing as an
-  obscure decoding error or a hang inside the reader (orbax 0.12 has no
-  checksums). Orbax's own step metadata file is rewritten by its commit and
-  is left out; a step that orbax committed without a manifest (written by
-  plain orbax) is restored unverified;
+  orbax renames it into place: every file's size and crc32, checked before
+  orbax reads a file, so a truncated or garbage file is reported by step
+  and file name (`manifest`); a step that plain orbax wrote (no manifest)
+  is restored unverified;
 - quarantine: with ``on_corrupt="fallback"`` a corrupt step is moved to
   ``corrupt/<step>`` and the next older committed step is tried;
 - the NaN guard (a non-finite state is never written), errors that name the
@@ -45,9 +42,6 @@ import json
 import logging
 import os
 import shutil
-import threading
-import time
-import zlib
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -55,11 +49,10 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
-from orbax.checkpoint._src.path import atomicity
 
-from diffusers_unified import faults
 from diffusers_unified.errors import CheckpointError
 from diffusers_unified.training import checkpoint_tree as tree
+from diffusers_unified.training import manifest
 from diffusers_unified.training.checkpoint_tree import estimate_checkpoint_bytes
 
 __all__ = ["CheckpointManager", "estimate_checkpoint_bytes"]
@@ -67,17 +60,9 @@ __all__ = ["CheckpointManager", "estimate_checkpoint_bytes"]
 logger = logging.getLogger("diffusers_unified")
 
 ITEMS = ("state", "metadata")
-COMMIT_FILE = "COMMIT"
 CORRUPT_DIR = "corrupt"
-MANIFEST_FORMAT = "diffusers_unified.checkpoint/2"
 ORBAX_TMP = ".orbax-checkpoint-tmp"
-# Orbax's commit rewrites its step metadata after the manifest is written, and writes
-# its commit marker after it: neither can be in the manifest.
-UNLISTED = ("_CHECKPOINT_METADATA", "commit_success.txt")
-ORBAX_COMMITTED = ("_CHECKPOINT_METADATA", "commit_success.txt")
 ON_CORRUPT = ("raise", "fallback")
-
-_CHUNK = 1 << 20
 
 
 def _check_step(step: Any) -> int:
@@ -88,112 +73,6 @@ def _check_step(step: Any) -> int:
     if isinstance(step, bool) or value < 0:
         raise ValueError(f"checkpoint step must be a non-negative integer, got {step!r}")
     return value
-
-
-def _is_step_name(name: str) -> bool:
-    return name.isascii() and name.isdigit()
-
-
-def _file_digest(path: Path) -> tuple[int, str]:
-    """(size, crc32 hex) of a file."""
-    crc = size = 0
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            crc = zlib.crc32(chunk, crc)
-            size += len(chunk)
-    return size, f"{crc:08x}"
-
-
-def _committed(path: Path) -> bool:
-    """Whether a step directory carries a manifest or orbax's marks of a finished commit.
-
-    An interrupted deletion or a stray directory with a step's name has neither.
-    """
-    return any((path / m).exists() for m in (COMMIT_FILE, *ORBAX_COMMITTED))
-
-
-def _write_durably(path: Path, text: str) -> None:
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-# -- the commit: orbax's atomic rename, with the manifest and the fault hooks ------------------
-
-
-class _SaveContext:
-    """What the commit of the save in flight needs (one save at a time per process)."""
-
-    current: _SaveContext | None = None
-    errors: dict[str, BaseException] = {}  # final path -> error raised inside its commit
-    lock = threading.Lock()
-
-    def __init__(self, typed_keys: list):
-        self.typed_keys = typed_keys
-        self.faults = faults.SaveFaults()
-        self.start = time.perf_counter()
-
-
-class _ManifestTemporaryPath(atomicity.AtomicRenameTemporaryPath):
-    """Orbax's atomic-rename commit, with this package's manifest written just before it.
-
-    Orbax finalizes each item's directory and then the step's; only the
-    step's (whose final name is the step number) gets the manifest and the
-    fault hooks.
-    """
-
-    async def finalize(self, *args, **kwargs):
-        final, tmp = Path(self.get_final()), Path(self.get())
-        context = _SaveContext.current
-        if not _is_step_name(final.name) or context is None:
-            return await super().finalize(*args, **kwargs)
-        try:
-            context.faults.maybe_raise(tmp / "state")
-            nbytes = _write_manifest(tmp, int(final.name), context.typed_keys)
-            context.faults.at("before_commit")
-            await super().finalize(*args, **kwargs)  # the commit point: orbax's rename
-        except BaseException as err:
-            with _SaveContext.lock:
-                _SaveContext.errors[str(final)] = err
-            raise
-        logger.info(
-            "saved checkpoint step %s to %s (%d bytes, %.2f s)",
-            final.name,
-            final,
-            nbytes,
-            time.perf_counter() - context.start,
-        )
-        context.faults.at("after_commit_before_cleanup")
-
-
-def _write_manifest(tmp: Path, step: int, typed_keys: list) -> int:
-    files = {}
-    for root, _dirs, names in os.walk(tmp):
-        for name in sorted(names):
-            path = Path(root, name)
-            rel = path.relative_to(tmp).as_posix()
-            if rel in UNLISTED:
-                continue
-            size, crc = _file_digest(path)
-            files[rel] = {"bytes": size, "crc32": crc}
-    manifest = {
-        "format": MANIFEST_FORMAT,
-        "step": step,
-        "created_unix": time.time(),
-        "files": dict(sorted(files.items())),
-        "typed_keys": typed_keys,
-    }
-    _write_durably(tmp / COMMIT_FILE, json.dumps(manifest, indent=1))
-    return sum(f["bytes"] for f in files.values())
-
-
-class _Corrupt(Exception):
-    """A committed step whose files do not match its manifest."""
-
-    def __init__(self, step: int, file: str, reason: str):
-        super().__init__(f"file {file!r} {reason}")
-        self.step, self.file, self.reason = step, file, reason
 
 
 # -- the manager --------------------------------------------------------------------------------
@@ -266,7 +145,7 @@ class CheckpointManager:
             create=False,
             cleanup_tmp_directories=False,  # `cleanup` does it, and says so
             enable_async_checkpointing=self.async_save,
-            temporary_path_class=_ManifestTemporaryPath,
+            temporary_path_class=manifest.ManifestTemporaryPath,
             multiprocessing_options=ocp.options.MultiprocessingOptions(
                 primary_host=me, active_processes={me}
             ),
@@ -296,7 +175,9 @@ class CheckpointManager:
         if not self.directory.is_dir():
             return []
         self._orbax.reload()
-        return sorted(int(s) for s in self._orbax.all_steps() if _committed(self.step_path(s)))
+        return sorted(
+            int(s) for s in self._orbax.all_steps() if manifest.committed(self.step_path(s))
+        )
 
     def latest_step(self) -> int | None:
         """The numerically largest committed step, or None if there is none."""
@@ -316,7 +197,9 @@ class CheckpointManager:
         for entry in sorted(os.scandir(self.directory), key=lambda e: e.name):
             path = Path(entry.path)
             if ORBAX_TMP not in entry.name and not (
-                _is_step_name(entry.name) and entry.is_dir() and not _committed(path)
+                manifest.is_step_name(entry.name)
+                and entry.is_dir()
+                and not manifest.committed(path)
             ):
                 continue
             try:
@@ -364,7 +247,7 @@ class CheckpointManager:
             ) from err
         nested, flat, typed_keys = tree.to_host(state, copy=self.async_save)
         tree.check_finite(step, flat)
-        _SaveContext.current = _SaveContext(typed_keys)
+        manifest.SaveContext.current = manifest.SaveContext(typed_keys)
         self.directory.mkdir(parents=True, exist_ok=True)
         self._before = self.all_steps()
         args = ocp.args.Composite(
@@ -385,8 +268,8 @@ class CheckpointManager:
 
     def _failed(self, step: int, err: BaseException, asynchronous=False) -> CheckpointError:
         """Removes the partial write of `step`; the error to raise, naming path and cause."""
-        with _SaveContext.lock:
-            err = _SaveContext.errors.pop(str(self.step_path(step)), err)
+        with manifest.SaveContext.lock:
+            err = manifest.SaveContext.errors.pop(str(self.step_path(step)), err)
         for leftover in self.directory.glob(f"{step}{ORBAX_TMP}*"):
             shutil.rmtree(leftover, ignore_errors=True)
         self._orbax.reload()
@@ -433,13 +316,13 @@ class CheckpointManager:
         """The metadata dict of a committed step (default: the latest), checksum verified."""
         step = self._resolve_step(step)
         try:
-            manifest = self._read_manifest(step)
-            if manifest is not None:
-                for rel in manifest["files"]:
+            found = manifest.read_manifest(self.step_path(step), step)
+            if found is not None:
+                for rel in found["files"]:
                     if rel.startswith("metadata/"):
-                        self._verify_file(step, manifest, rel)
+                        manifest.verify_file(self.step_path(step), step, found, rel)
             return self._read_step(step, items=("metadata",))[2]
-        except _Corrupt as err:
+        except manifest.Corrupt as err:
             raise CheckpointError(self._corrupt_message(err)) from None
 
     def restore(
@@ -467,7 +350,7 @@ class CheckpointManager:
             try:
                 raw, typed_keys, metadata = self._read_step(step)
                 break
-            except _Corrupt as err:
+            except manifest.Corrupt as err:
                 if on_corrupt == "raise":
                     raise CheckpointError(self._corrupt_message(err)) from None
                 logger.error(
@@ -506,7 +389,7 @@ class CheckpointManager:
             )
         return step
 
-    def _corrupt_message(self, err: _Corrupt) -> str:
+    def _corrupt_message(self, err: manifest.Corrupt) -> str:
         older = [s for s in self.all_steps() if s < err.step]
         hint = (
             f"The previous committed step is {older[-1]}: restore it explicitly, or use "
@@ -520,67 +403,33 @@ class CheckpointManager:
             f"file {err.file!r} {err.reason}. {hint}"
         )
 
-    def _read_manifest(self, step: int) -> dict | None:
-        """The step's manifest; None for a step that plain orbax wrote (no manifest)."""
-        path = self.step_path(step) / COMMIT_FILE
-        if not path.exists():
-            return None
-        try:
-            manifest = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as err:
-            raise _Corrupt(step, COMMIT_FILE, f"is unreadable ({err})") from None
-        if (
-            not isinstance(manifest, dict)
-            or manifest.get("format") != MANIFEST_FORMAT
-            or not isinstance(manifest.get("files"), dict)
-        ):
-            raise _Corrupt(step, COMMIT_FILE, f"is not a {MANIFEST_FORMAT} manifest")
-        return manifest
-
-    def _verify_file(self, step: int, manifest: dict, rel: str) -> None:
-        entry = manifest["files"].get(rel)
-        if rel.startswith("/") or ".." in rel.split("/") or not isinstance(entry, dict):
-            raise _Corrupt(step, COMMIT_FILE, f"has an invalid entry for {rel!r}")
-        try:
-            size, crc = _file_digest(self.step_path(step) / rel)
-        except FileNotFoundError:
-            raise _Corrupt(step, rel, "is missing") from None
-        except OSError as err:
-            raise _Corrupt(step, rel, f"cannot be read ({err})") from None
-        if size != entry.get("bytes"):
-            raise _Corrupt(
-                step, rel, f"has {size} bytes, expected {entry.get('bytes')} (truncated or altered)"
-            )
-        if crc != entry.get("crc32"):
-            raise _Corrupt(
-                step, rel, f"fails its crc32 check ({crc}, expected {entry.get('crc32')})"
-            )
-
     def _read_step(self, step: int, items=ITEMS) -> tuple[dict | None, list, dict]:
-        manifest = self._read_manifest(step)
-        if manifest is None:
+        found = manifest.read_manifest(self.step_path(step), step)
+        if found is None:
             logger.warning(
                 "checkpoint step %d in %s has no %s manifest (written by plain orbax?); "
                 "restoring it without checksums",
                 step,
                 self.directory,
-                COMMIT_FILE,
+                manifest.COMMIT_FILE,
             )
         elif items == ITEMS:
-            for rel in manifest["files"]:
-                self._verify_file(step, manifest, rel)
+            for rel in found["files"]:
+                manifest.verify_file(self.step_path(step), step, found, rel)
         restore_args = {"state": ocp.args.PyTreeRestore(), "metadata": ocp.args.JsonRestore()}
         try:
             out = self._orbax.restore(
                 step, args=ocp.args.Composite(**{k: restore_args[k] for k in items})
             )
         except Exception as err:  # checksums passed (or absent), yet orbax cannot read it
-            raise _Corrupt(step, "/".join(items), f"cannot be read by orbax ({err})") from None
+            raise manifest.Corrupt(
+                step, "/".join(items), f"cannot be read by orbax ({err})"
+            ) from None
         metadata = out.metadata if "metadata" in items else None
         if "metadata" in items and not isinstance(metadata, dict):
-            raise _Corrupt(step, "metadata", f"holds {type(metadata).__name__}, not a dict")
+            raise manifest.Corrupt(step, "metadata", f"holds {type(metadata).__name__}, not a dict")
         state = out.state if "state" in items else None
-        return state, (manifest or {}).get("typed_keys", []), metadata
+        return state, (found or {}).get("typed_keys", []), metadata
 
     def _quarantine(self, step: int) -> None:
         corrupt = self.directory / CORRUPT_DIR
