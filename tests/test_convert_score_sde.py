@@ -26,6 +26,7 @@ from diffusers_unified.convert.score_sde import (
 )
 from diffusers_unified.errors import CheckpointError, ConfigError
 from diffusers_unified.nets import NetApply
+from diffusers_unified.nets.ncsnpp import NCSNpp
 
 FIXTURE = np.load(pathlib.Path(__file__).parent / "fixtures" / "score_sde_outputs.npz")
 
@@ -81,6 +82,13 @@ def test_the_derived_reference_layout_is_the_reference_codes():
         assert sorted((p, s) for p, s in layout) == sorted(
             ("/".join(ref), shape) for ref, shape, _ in ours.values()
         ), case
+
+
+def test_a_sublayer_without_reference_counterpart_is_refused():
+    config, _, image_shape = case_data("ncsnpp_vp_ddpm")
+    kwargs = module_kwargs_from_score_sde_config(config["model"], centered=True)
+    with pytest.raises(ConfigError, match=r"label_embed \(Embed\) has no counterpart"):
+        reference_layout(NCSNpp(**kwargs, num_classes=10), image_shape)
 
 
 def write_checkpoint(path, ema, raw):

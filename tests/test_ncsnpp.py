@@ -191,6 +191,20 @@ def test_shape_and_noise_conditioning(kind):
         np.testing.assert_allclose(shared, run(net, params, x, jnp.full(3, cond[1])), atol=1e-5)
 
 
+def test_labels_shift_the_noise_embedding():
+    net = NetApply(NCSNpp(**dict(TINY_VP, num_classes=3)))
+    params = numpy_params(net.module)
+    assert params["label_embed"]["embedding"].shape == (4, 64)  # 3 classes + the null label
+    x = images()
+    labelled = jax.jit(lambda y: net(params, x, TIMES, y))
+    by_label = [labelled(jnp.full(3, c)) for c in range(4)]
+    assert float(jnp.abs(by_label[0] - by_label[1]).max()) > 1e-2
+    # No labels means the null label, row num_classes; float32, another graph: 1e-5.
+    np.testing.assert_allclose(run(net, params, x, TIMES), by_label[3], atol=1e-5)
+    with pytest.raises(ValueError, match="labels y were given to an NCSNpp with num_classes=None"):
+        NetApply(NCSNpp(**TINY_VP))(numpy_params(NCSNpp(**TINY_VP)), x, TIMES, jnp.zeros(3, int))
+
+
 def test_scale_by_sigma_divides_the_output_by_sigma():
     scaled = NetApply(NCSNpp(**TINY_VE))
     plain = NetApply(NCSNpp(**dict(TINY_VE, scale_by_sigma=False)))
