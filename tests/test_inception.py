@@ -71,9 +71,10 @@ def test_port_matches_pytorch_fid_on_32px_and_299px_images():
     assert pool.shape == (4, 2048) and logits.shape == (4, 1008)
     # Both sides run float32 through 94 conv layers with different summation
     # orders; measured 3e-7 (pool) and 1e-6 (logits) of the largest value.
-    # 1e-4 leaves room for other BLAS kernels, while a wrong padding, pool
-    # or layer order moves the outputs by O(1) of their scale (the random
-    # weights keep activations O(1): pool3 mean 0.46, max 4.9).
+    # 1e-4 leaves room for other BLAS kernels, while the subtle mistakes move
+    # pool3 far more (measured): batch-norm eps 1e-5 instead of 1e-3 by 6e-3,
+    # count_include_pad=True by 4e-2, Mixed_7c's max pool as an average by 0.2.
+    # (The random weights keep activations O(1): pool3 mean 0.46, max 4.9.)
     close_at_scale(pool, ref["pool"], 1e-4)
     close_at_scale(logits, ref["logits"], 1e-4)
     # The 299 image differs from the upsampled ones: the check is not of a constant.
