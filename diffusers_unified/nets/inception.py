@@ -30,9 +30,10 @@ alone) layer for layer, so its weight file converts one to one
 
 Two departures of pytorch-fid from the TF graph, kept here because the
 weights and the tests follow pytorch-fid: the graph maps pixels v in 0..255
-by (v - 128) / 128 where pytorch-fid takes 2 v / 255 - 1 (a shift of at most
-1/128), and the graph's own resize (TF1 `ResizeBilinear`, used when a
-non-299 image is fed to TTUR's FID) has no half-pixel centres.
+by (v - 128) / 128, onto [-1, 127/128], where pytorch-fid takes 2 v / 255 - 1
+(the two differ by v / 32640, at most 1/128), and the graph's own resize
+(TF1 `ResizeBilinear`, used when a non-299 image is fed to TTUR's FID) has
+no half-pixel centres.
 
 `output_bias=False` drops the `fc` bias from the logits: the improved-GAN
 Inception Score code (Salimans et al. 2016, `inception_score/model.py`)
