@@ -4,7 +4,8 @@ sliced Wasserstein, MMD with RBF kernels, energy distance; for data with a
 known density, the samples' mean log-density and mode coverage; on feature
 arrays, the Frechet distance and KID, with a pluggable feature function (by
 default the flattened samples; `random_features` gives a fixed random
-embedding; nothing is downloaded).
+embedding; nothing is downloaded). Their formulas are those of FID and KID
+on Inception features, shared with `metrics.inception`.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from diffusers_unified.metrics.inception import fid_from_statistics, kid, statistics
 from diffusers_unified.typing import Array, PRNGKey
 
 
@@ -140,19 +142,12 @@ def _features(x, feature_fn) -> np.ndarray:
 def frechet_distance(x: Array, y: Array, feature_fn: Callable | None = None) -> float:
     """||mu_x - mu_y||^2 + Tr(S_x + S_y - 2 (S_x S_y)^(1/2)) of the features (Heusel et al. 2017).
 
-    Computed in float64; Tr (S_x S_y)^(1/2) is the sum of the square roots of
-    the eigenvalues of S_x^(1/2) S_y S_x^(1/2), which is symmetric, so no
-    general matrix square root is needed. FID is this with Inception features.
+    The float64 formula of FID (`metrics.inception.fid_from_statistics`) on
+    the features' means and covariances; FID is this with Inception features.
     """
     fx, fy = _features(x, feature_fn), _features(y, feature_fn)
-    mu_x, mu_y = fx.mean(0), fy.mean(0)
-    s_x, s_y = np.cov(fx, rowvar=False), np.cov(fy, rowvar=False)
-    s_x, s_y = np.atleast_2d(s_x), np.atleast_2d(s_y)
-    w, v = np.linalg.eigh(s_x)
-    root_x = (v * np.sqrt(np.clip(w, 0, None))) @ v.T
-    middle = np.linalg.eigvalsh(root_x @ s_y @ root_x)
-    trace_root = np.sum(np.sqrt(np.clip(middle, 0, None)))
-    return float(np.sum((mu_x - mu_y) ** 2) + np.trace(s_x) + np.trace(s_y) - 2 * trace_root)
+    _check_dims(fx, fy)
+    return fid_from_statistics(*statistics(fx), *statistics(fy))
 
 
 def kernel_inception_distance(
@@ -163,19 +158,11 @@ def kernel_inception_distance(
     subset_size: int = 1000,
     seed: int = 0,
 ) -> tuple[float, float]:
-    """KID (Binkowski et al. 2018): unbiased MMD^2 with k(a, b) = (a.b / d + 1)^3, (mean, std).
+    """KID (Binkowski et al. 2018) of the features: `metrics.inception.kid`, (mean, std).
 
-    Averaged over `num_subsets` random subsets of `subset_size` of each set.
+    Unbiased MMD^2 with k(a, b) = (a.b / d + 1)^3, averaged over
+    `num_subsets` random subsets of `subset_size` of each set.
     """
     fx, fy = _features(x, feature_fn), _features(y, feature_fn)
-    d = fx.shape[1]
-    m = min(subset_size, len(fx), len(fy))
-    rng = np.random.default_rng(seed)
-    values = []
-    for _ in range(num_subsets):
-        a = fx[rng.choice(len(fx), m, replace=False)]
-        b = fy[rng.choice(len(fy), m, replace=False)]
-        kxx, kyy, kxy = ((p @ q.T / d + 1) ** 3 for p, q in ((a, a), (b, b), (a, b)))
-        within = lambda k: (k.sum() - np.trace(k)) / (m * (m - 1))
-        values.append(within(kxx) + within(kyy) - 2 * kxy.mean())
-    return float(np.mean(values)), float(np.std(values))
+    _check_dims(fx, fy)
+    return kid(fx, fy, subset_size=subset_size, num_subsets=num_subsets, seed=seed)
