@@ -1,10 +1,14 @@
-"""Networks: an MLP for low-dimensional data, the DDPM U-Net for images, noise embeddings.
+"""Networks: an MLP, the DDPM U-Net, NCSN++ / DDPM++, NCSNv2's RefineNet; FID's Inception-v3.
 
-Every network is a Flax Linen module called as `module.apply({'params': params},
-x, noise_cond, y=None, train=False)` and returns an array shaped like x;
-`NetApply(module)` gives it the `ApplyFn` signature the rest of the package
-uses. `noise_cond` is 999 t (shape `(batch,)`, or `()` for the whole batch),
-and a network never sees the process that produced it.
+Every score network is a Flax Linen module called as `module.apply({'params':
+params}, x, noise_cond, y=None, train=False)` and returns an array shaped like
+x; `NetApply(module)` gives it the `ApplyFn` signature the rest of the package
+uses. `noise_cond` has shape `(batch,)`, or `()` for the whole batch, and is
+what the process says the network is conditioned on: 999 t by default, or
+sigma(t) for a module whose `noise_cond_kind` is "sigma" (the score SDE code's
+VE networks, which embed log sigma and divide their output by sigma). A
+network never sees the process that produced it. `InceptionV3` is the FID
+variant of Inception-v3, for the metrics.
 """
 
 from diffusers_unified.nets.apply import NetApply, count_params
@@ -17,19 +21,28 @@ from diffusers_unified.nets.embeddings import (
     sinusoidal_embedding,
     trainable_mask,
 )
+from diffusers_unified.nets.inception import InceptionV3, load_inception_params
 from diffusers_unified.nets.mlp import MLP
+from diffusers_unified.nets.ncsnpp import NCSNpp
+from diffusers_unified.nets.refinenet import ARCHITECTURES, RefineNet, refinenet_kwargs
 from diffusers_unified.nets.unet import UNet
 
 __all__ = [
     "ACTIVATIONS",
+    "ARCHITECTURES",
     "EMBEDDINGS",
     "MLP",
     "GaussianFourierProjection",
+    "InceptionV3",
+    "NCSNpp",
     "NetApply",
     "NoiseEmbedding",
+    "RefineNet",
     "UNet",
     "count_params",
     "get_act",
+    "load_inception_params",
+    "refinenet_kwargs",
     "sinusoidal_embedding",
     "trainable_mask",
 ]
