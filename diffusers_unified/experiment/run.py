@@ -151,7 +151,13 @@ def build_run(config) -> Run:
             f"model.name={config.model.name!r} takes {net_kind.data} data, but dataset "
             f"{ds.name!r} is {ds.kind} data (use model.name in {', '.join(fits)})"
         )
-    net = NetApply(net_kind.build(config.model, num_classes(config, ds)))
+    module = net_kind.build(config.model, num_classes(config, ds), ds.scaling.centered)
+    net = NetApply(module)
+    # The score SDE code's VE networks are conditioned on sigma itself (they embed log
+    # sigma and divide by sigma): the process then hands them sigma(t), not 999 t.
+    conditioning = getattr(module, "noise_cond_kind", "time")
+    if conditioning != process.conditioning:
+        process = dataclasses.replace(process, conditioning=conditioning)
     s = resolved.sampling
     try:
         sampler = kinds.SAMPLERS[s.method].build(s, s.num_steps or None)
