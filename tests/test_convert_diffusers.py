@@ -333,7 +333,12 @@ def test_sampling_matches_diffusers_scheduler_loop(tmp_path, reference, converte
         write_scheduler(tmp_path, _class_name=name, clip_sample=clip)
     )
     n = scheduler["num_train_timesteps"]
-    process = DDPM(N=n, schedule=scheduler["beta_schedule"], beta_start=1e-4, beta_end=0.02)
+    process = DDPM(
+        N=n,
+        schedule=scheduler["beta_schedule"],
+        beta_start=scheduler["beta_start"],
+        beta_end=scheduler["beta_end"],
+    )
     kwargs, params = converted
     score_fn = make_score_fn(
         process, NetApply(UNet(**kwargs)), params, scheduler["parametrization"]
@@ -341,10 +346,12 @@ def test_sampling_matches_diffusers_scheduler_loop(tmp_path, reference, converte
     timesteps = reference[f"{loop}_timesteps"]
     np.testing.assert_array_equal(cd.inference_timesteps(scheduler, len(timesteps)), timesteps)
     grid = timesteps / (n - 1)  # DDPM level i sits at t_i = i / (N - 1)
-    options = dict(grid=grid, noise=jnp.asarray(make_noise(len(grid) + 1)), clip_x0=clip)
+    noise = jnp.asarray(make_noise(len(grid) + 1))
+    options = dict(grid=grid, noise=noise, clip_x0=scheduler["clip_x0"])
     key = jax.random.PRNGKey(0)  # unused: every draw comes from `noise`
     if kind == "ddpm":
-        out = samplers.ancestral(key, score_fn, process, SHAPE, variance="small", **options)
+        variance = scheduler["variance"]
+        out = samplers.ancestral(key, score_fn, process, SHAPE, variance=variance, **options)
     else:
         out = samplers.ddim(key, score_fn, process, SHAPE, eta=eta, **options)
     assert int(out.nfe) == len(grid)
