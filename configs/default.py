@@ -58,6 +58,9 @@ def get_config():
     model.dropout = 0.1  # unet, ncsnpp: dropout rate in residual blocks
     model.resamp_with_conv = True  # unet, ncsnpp: convolutions in up/downsampling
     model.skip_rescale = False  # unet, ncsnpp: scale skip sums by 1/sqrt(2) (DDPM++ / NCSN++)
+    # unet: self-attention on the way up once per level (the score SDE code's ddpm.py) or
+    # after every block (Ho et al.'s code and diffusers' UNet2DModel): per_level | per_block
+    model.up_attention = "per_level"
     # NCSN++ / DDPM++ (Song et al. 2021, the score SDE code's models/ncsnpp.py):
     model.resblock_type = "biggan"  # ncsnpp: ddpm | biggan
     model.fir = True  # ncsnpp: FIR (anti-aliased) up/downsampling

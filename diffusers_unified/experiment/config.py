@@ -128,6 +128,7 @@ CHOICES = {
     "model.progressive_input": ("none", "input_skip", "residual"),
     "model.progressive_combine": ("sum", "cat"),  # nets.ncsnpp.COMBINE
     "model.refinenet": ("ncsnv2", "ncsnv2_deeper", "ncsnv2_deepest"),  # nets.ARCHITECTURES
+    "model.up_attention": ("per_level", "per_block"),  # nets.unet.UP_ATTENTION
     "training.loss": tuple(kinds.LOSSES),
     "training.weighting": ("sigma2", "likelihood"),  # losses.WEIGHTINGS
     "training.reduce": ("mean", "sum"),  # losses.REDUCTIONS
@@ -154,6 +155,7 @@ LIBRARY_CHOICES = {
     "model.progressive_input": ("nets.ncsnpp", "PROGRESSIVE_INPUT"),
     "model.progressive_combine": ("nets.ncsnpp", "COMBINE"),
     "model.refinenet": ("nets", "ARCHITECTURES"),
+    "model.up_attention": ("nets.unet", "UP_ATTENTION"),
     "training.weighting": ("losses", "WEIGHTINGS"),
     "training.reduce": ("losses", "REDUCTIONS"),
     "optim.optimizer": ("training.optimizer", "OPTIMIZERS"),

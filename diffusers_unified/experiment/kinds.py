@@ -32,6 +32,7 @@ def _lib(module: str):
 @dataclasses.dataclass(frozen=True)
 class ProcessKind:
     build: Callable  # the config's `process` section -> Process
+    settings: tuple[str, ...]  # the keys of the `process` section it reads
     variational_bound: bool = False  # DDPM's discrete ELBO (likelihood.ddpm_bound) applies
     # Variance exploding: NCSNv2's techniques choose sigma_max, N and the Langevin step
     # size from the data when those keys are AUTO (0).
@@ -40,29 +41,34 @@ class ProcessKind:
 
 PROCESSES: dict[str, ProcessKind] = {
     "vpsde": ProcessKind(
-        lambda p: _lib("processes").VPSDE(beta_min=p.beta_min, beta_max=p.beta_max, N=p.num_scales)
+        lambda p: _lib("processes").VPSDE(beta_min=p.beta_min, beta_max=p.beta_max, N=p.num_scales),
+        settings=("beta_min", "beta_max", "num_scales"),
     ),
     "subvpsde": ProcessKind(
         lambda p: _lib("processes").SubVPSDE(
             beta_min=p.beta_min, beta_max=p.beta_max, N=p.num_scales
-        )
+        ),
+        settings=("beta_min", "beta_max", "num_scales"),
     ),
     "vesde": ProcessKind(
         lambda p: _lib("processes").VESDE(
             sigma_min=p.sigma_min, sigma_max=p.sigma_max, N=p.num_scales
         ),
+        settings=("sigma_min", "sigma_max", "num_scales"),
         auto_noise_scales=True,
     ),
     "ddpm": ProcessKind(
         lambda p: _lib("processes").DDPM(
             N=p.num_scales, schedule=p.schedule, beta_start=p.beta_start, beta_end=p.beta_end
         ),
+        settings=("num_scales", "schedule", "beta_start", "beta_end"),
         variational_bound=True,
     ),
     "ncsn": ProcessKind(
         lambda p: _lib("processes").NCSN(
             sigma_min=p.sigma_min, sigma_max=p.sigma_max, N=p.num_scales
         ),
+        settings=("sigma_min", "sigma_max", "num_scales"),
         auto_noise_scales=True,
     ),
 }
@@ -142,10 +148,13 @@ NETS: dict[str, NetKind] = {
             embedding=m.embedding,
             fourier_scale=m.fourier_scale,
             skip_rescale=m.skip_rescale,
+            up_attention=m.up_attention,
             num_classes=num_classes,
+            dtype=m.dtype,
         ),
         data="image",
         convolutional=True,
+        mixed_precision=True,
     ),
     "ncsnpp": NetKind(_ncsnpp, data="image", convolutional=True, mixed_precision=True),
     # NCSNv2 (Song and Ermon 2020): unconditional but for the division by sigma; no labels.
