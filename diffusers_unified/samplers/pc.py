@@ -5,12 +5,26 @@ MCMC at a fixed t. DDPM ancestral sampling is "ancestral predictor, no
 corrector", DDIM is "DDIM predictor, no corrector", and annealed Langevin
 dynamics (NCSN) is "no predictor, annealed Langevin corrector".
 
-Predictors are called as `predictor(key, score_fn, process, x, t, s) -> x`
-and correctors as `corrector(key, score_fn, process, x, t, project=None) ->
-x`, with scalar times; each declares `nfe`, its number of score evaluations
-per call. A corrector given a projection (`samplers.conditioning`) applies it
-after each of its MCMC steps. They are frozen dataclasses, so that they can
-be static arguments of `jax.jit`.
+Predictors are called as `predictor(key, score_fn, process, x, t, s,
+noise=None) -> x` and correctors as `corrector(key, score_fn, process, x, t,
+project=None) -> x`, with scalar times; each declares `nfe`, its number of
+score evaluations per call. A predictor that adds noise draws it from `key`,
+or takes the standard-normal draw `noise` (shaped like x) when given. A
+corrector given a projection (`samplers.conditioning`) applies it after each
+of its MCMC steps. They are frozen dataclasses, so that they can be static
+arguments of `jax.jit`.
+
+The reference codes these follow are the score SDE code (`sampling.py`:
+its predictors, correctors and `get_pc_sampler`), the DDPM code
+(`diffusion_utils_2.py`: `p_sample`), the DDIM code (`functions/denoising.py`:
+`generalized_steps`) and the NCSN code (`runners/anneal_runner.py`:
+`anneal_Langevin_dynamics`). Two departures are shared by all: a step from
+t to s uses the exact Gaussian kernel of the process between those two times
+(`processes.transition`; on DDPM's and NCSN's own grids these are the
+reference's discrete betas and sigmas, on the SDEs' grids they differ from
+the score SDE code's `discrete_betas[i] = beta(t_i) / N` by O(1/N^2)); and
+the last step to clean data is the Tweedie denoiser (`denoise`), see
+`predictor_corrector`.
 """
 
 from __future__ import annotations
@@ -36,13 +50,18 @@ from diffusers_unified.typing import Array, PRNGKey, ScoreFn
 # -- predictors ---------------------------------------------------------------
 
 
+def _normal(key: PRNGKey, x: Array, noise: Array | None) -> Array:
+    """A step's standard-normal draw: the given `noise`, else one drawn from `key`."""
+    return jax.random.normal(key, x.shape) if noise is None else noise
+
+
 @dataclasses.dataclass(frozen=True)
 class NoPredictor:
     """Leaves x unchanged (annealed Langevin dynamics moves between levels this way)."""
 
     nfe: ClassVar[int] = 0
 
-    def __call__(self, key, score_fn, process, x, t, s):
+    def __call__(self, key, score_fn, process, x, t, s, noise=None):
         return x
 
 
@@ -50,34 +69,40 @@ class NoPredictor:
 class EulerMaruyama:
     """One Euler-Maruyama step of the reverse SDE from t to s (Song et al. 2021, eq. 6).
 
-    With `probability_flow`, one Euler step of the probability-flow ODE (eq. 13)
-    instead, as the score SDE code's predictors allow: with a corrector, an
-    ODE predictor whose marginals Langevin steps correct.
+    The score SDE code's `EulerMaruyamaPredictor`, except that the step is
+    dt = s - t, the grid's spacing, where the reference takes -1/N on a grid
+    spaced (T - eps)/(N - 1) (the same for the VP SDE's defaults, 0.1 % apart
+    for the VE SDE's). With `probability_flow`, one Euler step of the
+    probability-flow ODE (eq. 13) instead, as the score SDE code's predictors
+    allow: with a corrector, an ODE predictor whose marginals Langevin steps
+    correct.
     """
 
     probability_flow: bool = False
     nfe: ClassVar[int] = 1
 
-    def __call__(self, key, score_fn, process, x, t, s):
+    def __call__(self, key, score_fn, process, x, t, s, noise=None):
         drift, diffusion = reverse_sde(process, score_fn, self.probability_flow)(x, t)
         dt = s - t
-        z = jax.random.normal(key, x.shape)
+        z = _normal(key, x, noise)
         return x + drift * dt + batch_broadcast(diffusion, x) * jnp.sqrt(-dt) * z
 
 
 @dataclasses.dataclass(frozen=True)
 class ReverseDiffusion:
-    """The reverse-diffusion predictor (Song et al. 2021, eq. 46).
+    """The reverse-diffusion predictor (Song et al. 2021, eq. 46; `ReverseDiffusionPredictor`).
 
     With the forward step x_t = x_s + f + G z (f = (a - 1) x, G^2 = var, see
-    `processes.transition`), it steps x_s = x_t - f + G^2 score + G z.
+    `processes.transition`), it steps x_s = x_t - f + G^2 score + G z. The
+    reference takes (f, G) from `sde.discretize` at t's level; here they are
+    the exact kernel from s to t (the same on a discrete process's grid).
     """
 
     nfe: ClassVar[int] = 1
 
-    def __call__(self, key, score_fn, process, x, t, s):
+    def __call__(self, key, score_fn, process, x, t, s, noise=None):
         a, var = transition(*process.alpha_sigma(s), *process.alpha_sigma(t))
-        z = jax.random.normal(key, x.shape)
+        z = _normal(key, x, noise)
         x_mean = (2.0 - a) * x + var * score_fn(x, t)
         return x_mean + jnp.sqrt(var) * z
 
@@ -85,33 +110,55 @@ class ReverseDiffusion:
 VARIANCES = ("small", "large")
 
 
+def _clip_x0(x0: Array) -> Array:
+    return jnp.clip(x0, -1.0, 1.0)
+
+
 @dataclasses.dataclass(frozen=True)
 class Ancestral:
     """Ancestral sampling from p(x_s | x_t) (Ho et al. 2020, Alg. 2, in score form).
 
     Mean (x_t + var score) / a, which is DDPM's 1/sqrt(alpha_t) (x_t - beta_t /
-    sqrt(1 - alphabar_t) eps); for VE processes it is the score SDE code's
-    SMLD ancestral step. Variance `"small"` is the posterior variance
-    var sigma_s^2 / sigma_t^2 (DDPM's beta-tilde), `"large"` is var (DDPM's
-    beta_t).
+    sqrt(1 - alphabar_t) eps) (the DDPM code's `p_sample`), and on VE
+    processes the score SDE code's SMLD step x + (sigma_t^2 - sigma_s^2)
+    score. Variance `"small"` is the posterior variance var sigma_s^2 /
+    sigma_t^2 (DDPM's beta-tilde, `fixedsmall`), `"large"` is var (DDPM's
+    beta_t, `fixedlarge`). `None`, the default, is the reference's choice for
+    the process, `process.ancestral_variance`: "large" on DDPM (the DDPM
+    code's CIFAR-10 runs use `fixedlarge`) and on the VP SDE (the score SDE
+    code's `AncestralSamplingPredictor` adds sqrt(beta) noise), "small" on
+    the VE SDE and NCSN (its VE update adds the posterior variance). Ho et
+    al. report the two alike in sample quality.
+
+    `clip_x0` clips the predicted x_0 = (x_t + sigma_t^2 score) / alpha_t to
+    [-1, 1] and takes the mean of q(x_s | x_t, x_0) at it, as the DDPM code's
+    `p_sample(clip_denoised=True)` (its default) and diffusers' `clip_sample`
+    do; off by default here, since data need not lie in [-1, 1].
     """
 
-    variance: str = "small"
+    variance: str | None = None
+    clip_x0: bool = False
     nfe: ClassVar[int] = 1
 
     def __post_init__(self):
-        if self.variance not in VARIANCES:
+        if self.variance is not None and self.variance not in VARIANCES:
             raise ValueError(
-                f"unknown ancestral variance {self.variance!r}; valid: {', '.join(VARIANCES)}"
+                f"unknown ancestral variance {self.variance!r}; valid: {', '.join(VARIANCES)}, "
+                "or None for the reference's choice for the process"
             )
 
-    def __call__(self, key, score_fn, process, x, t, s):
+    def __call__(self, key, score_fn, process, x, t, s, noise=None):
         alpha_s, sigma_s = process.alpha_sigma(s)
         alpha_t, sigma_t = process.alpha_sigma(t)
         a, var = transition(alpha_s, sigma_s, alpha_t, sigma_t)
-        mean = (x + var * score_fn(x, t)) / a
-        std = jnp.sqrt(var * sigma_s**2 / sigma_t**2 if self.variance == "small" else var)
-        return mean + std * jax.random.normal(key, x.shape)
+        if self.clip_x0:
+            x0 = _clip_x0((x + sigma_t**2 * score_fn(x, t)) / alpha_t)
+            mean = (alpha_s * var * x0 + a * sigma_s**2 * x) / sigma_t**2
+        else:
+            mean = (x + var * score_fn(x, t)) / a
+        variance = process.ancestral_variance if self.variance is None else self.variance
+        std = jnp.sqrt(var * sigma_s**2 / sigma_t**2 if variance == "small" else var)
+        return mean + std * _normal(key, x, noise)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,27 +167,34 @@ class DDIM:
 
     x_s = alpha_s x0_hat + sqrt(sigma_s^2 - c^2) eps_hat + c z with
     c = eta sqrt(sigma_s^2 / sigma_t^2 (sigma_t^2 - (alpha_t/alpha_s)^2 sigma_s^2)):
-    eta = 0 is deterministic, eta = 1 is ancestral sampling with the small variance.
+    eta = 0 is deterministic, eta = 1 is ancestral sampling with the small
+    variance. This is the DDIM code's `generalized_steps` update. `clip_x0`
+    clips x0_hat to [-1, 1] and keeps the network's eps_hat, as diffusers'
+    `DDIMScheduler(clip_sample=True)` does by default; the DDIM code does not
+    clip.
     """
 
     eta: float = 0.0
+    clip_x0: bool = False
     nfe: ClassVar[int] = 1
 
     def __post_init__(self):
         if not 0.0 <= self.eta <= 1.0:
             raise ValueError(f"DDIM eta must be in [0, 1], got eta={self.eta}")
 
-    def __call__(self, key, score_fn, process, x, t, s):
+    def __call__(self, key, score_fn, process, x, t, s, noise=None):
         alpha_s, sigma_s = process.alpha_sigma(s)
         alpha_t, sigma_t = process.alpha_sigma(t)
         eps = -sigma_t * score_fn(x, t)
         x0 = (x - sigma_t * eps) / alpha_t
+        if self.clip_x0:
+            x0 = _clip_x0(x0)
         _, var = transition(alpha_s, sigma_s, alpha_t, sigma_t)
         c = self.eta * jnp.sqrt(var * sigma_s**2 / sigma_t**2)
         x_s = alpha_s * x0 + jnp.sqrt(jnp.maximum(sigma_s**2 - c**2, 0.0)) * eps
         if self.eta == 0.0:
             return x_s
-        return x_s + c * jax.random.normal(key, x.shape)
+        return x_s + c * _normal(key, x, noise)
 
 
 # -- correctors ---------------------------------------------------------------
@@ -181,11 +235,14 @@ def _alpha_factor(process: Process, t: Array) -> Array:
 
 @dataclasses.dataclass(frozen=True)
 class Langevin:
-    """Langevin MCMC with a signal-to-noise ratio (Song et al. 2021, Alg. 4).
+    """Langevin MCMC with a signal-to-noise ratio (Song et al. 2021, Alg. 4; `LangevinCorrector`).
 
-    h = 2 alpha_i (snr ||z|| / ||score||)^2, with the norms per example and
+    Each of `n_steps` steps is x <- x + h score + sqrt(2 h) z with
+    h = 2 alpha_i (snr ||z|| / ||score||)^2, the norms per example and
     averaged over the batch as in the reference code (so the step size is
-    shared by the batch). Defaults: snr 0.16, one step (the paper's CIFAR-10 VE).
+    shared by the batch; the reference also averages over devices), and
+    alpha_i = 1 - beta_i on VP-type processes, 1 on VE ones (see
+    `_alpha_factor`). Defaults: snr 0.16, one step (the paper's CIFAR-10 VE).
     """
 
     snr: float = 0.16
@@ -205,18 +262,35 @@ class Langevin:
         return _langevin(key, score_fn, x, t, self.n_steps, step_size, project)
 
 
+# At snr >= 1/sqrt(2) the annealed step h = 2 (snr sigma)^2 reaches sigma^2,
+# the inverse curvature of log p_t across data concentrated below the noise
+# level (images): every step overshoots the mode, the chain's variance is at
+# least twice the target's, and from snr = 1 on it grows without bound.
+MAX_ANNEALED_SNR = 1.0 / math.sqrt(2.0)
+
+
 @dataclasses.dataclass(frozen=True)
 class AnnealedLangevin:
     """Langevin MCMC with the step size set by the noise level: h = 2 alpha_i (snr sigma(t))^2.
 
-    This is the score SDE code's "ald" corrector. Annealed Langevin dynamics of
-    NCSN (Song and Ermon 2019, Alg. 1), whose update is x + eps_i / 2 score +
-    sqrt(eps_i) z with eps_i = eps sigma_i^2 / sigma_L^2, is this corrector
-    with snr = sqrt(eps) / (2 sigma_L) on a VE process (see `annealed_langevin`).
+    This is the score SDE code's "ald" corrector (`AnnealedLangevinDynamics`),
+    step for step. Annealed Langevin dynamics of NCSN (Song and Ermon 2019,
+    Alg. 1), whose update is x + eps_i / 2 score + sqrt(eps_i) z with
+    eps_i = eps sigma_i^2 / sigma_L^2, is this corrector with
+    snr = sqrt(eps) / (2 sigma_L) on a VE process (see `annealed_langevin`).
+    snr must be below 1/sqrt(2) (see MAX_ANNEALED_SNR).
     """
 
     snr: float = 0.16
     n_steps: int = 1
+
+    def __post_init__(self):
+        if not 0.0 < self.snr < MAX_ANNEALED_SNR:
+            raise ValueError(
+                f"AnnealedLangevin snr must be in (0, 1/sqrt(2) = {MAX_ANNEALED_SNR:.4f}), got "
+                f"snr={self.snr}: its step 2 (snr sigma)^2 would overshoot the mode at every "
+                "noise level (and diverge from snr = 1 on)"
+            )
 
     @property
     def nfe(self) -> int:
@@ -231,6 +305,28 @@ class AnnealedLangevin:
 # -- samplers -----------------------------------------------------------------
 
 
+def _step_keys(key_loop: PRNGKey, i) -> Array:
+    """The (corrector, predictor) keys of the step from grid point i to i + 1."""
+    return jax.random.split(jax.random.fold_in(key_loop, i))
+
+
+def sampler_noise(key: PRNGKey, shape: tuple[int, ...], num_points: int) -> Array:
+    """The standard-normal draws `predictor_corrector` makes for `key` when `noise` is None.
+
+    Returns shape `(num_points + 1, *shape)`: entry 0 is the prior's draw,
+    entry i >= 1 the predictor's draw for the step from grid point i - 1 to i
+    (the last entry belongs to the final step to clean data and is unused).
+    Drawn as one block (a vmap over the per-step keys) these are the numbers
+    drawn step by step, so for a predictor-only sampler `noise=
+    sampler_noise(key, shape, len(grid))` reproduces `noise=None`; a corrector
+    draws its own noise from `key` either way.
+    """
+    key_prior, key_loop = jax.random.split(key)
+    prior = jax.random.normal(key_prior, shape)
+    steps = jax.vmap(lambda i: jax.random.normal(_step_keys(key_loop, i)[1], shape))
+    return jnp.concatenate([prior[None], steps(jnp.arange(num_points))])
+
+
 @jitted_sampler
 def predictor_corrector(
     key: PRNGKey,
@@ -243,9 +339,11 @@ def predictor_corrector(
     num_steps: int | None = None,
     grid=None,
     denoise: bool = True,
+    noise=None,
     project=None,
 ) -> SamplerOutput:
-    """The predictor-corrector sampler (Song et al. 2021, Alg. 1).
+    """The predictor-corrector sampler (Song et al. 2021, Alg. 1; the score SDE code's
+    `get_pc_sampler`).
 
     Starts from the prior at T; at each grid time t_i runs the corrector, then
     the predictor to t_{i+1}; at the last grid time (t_min) runs the corrector,
@@ -254,6 +352,22 @@ def predictor_corrector(
     (num_steps = process.N by default) unless `grid` is given. Defaults are
     the paper's for VE: reverse diffusion + Langevin (snr 0.16, one step).
     NFE = (n - 1) predictor.nfe + n corrector.nfe + denoise for n grid points.
+
+    Where it departs from the reference: the reference also runs the
+    predictor at the last grid time (a step below t_min, dt = -1/N) and, with
+    `denoise`, returns that step's mean. Here the last move is the Tweedie
+    step E[x_0 | x_t] at t_min, which is what the reference's last
+    reverse-diffusion step computes on VE processes (the level below the
+    first is clean data), NCSNv2's denoising, and the last step of DDPM's
+    and DDIM's samplers; `denoise=False` stops at t_min instead. A predictor
+    with `clip_x0` set also clips the denoised output to [-1, 1].
+
+    `noise` (optional, shape `(len(grid) + 1, *shape)`) fixes the sampler's
+    standard-normal draws: x_T = process.prior_std * noise[0], and noise[i]
+    is the predictor's draw for the step from grid[i - 1] to grid[i] (unused
+    where the step adds none; the last entry belongs to the step to clean
+    data, which adds none). Without it the sampler draws `sampler_noise(key,
+    shape, len(grid))`, step by step. Correctors draw their noise from `key`.
     `project` (inpainting, colorization: `samplers.conditioning`) is applied
     to the prior draw, after every predictor step and every corrector step,
     and to the denoised output.
@@ -261,7 +375,17 @@ def predictor_corrector(
     ts = resolve_grid(process, num_steps, grid)
     n = len(ts)
     key_prior, key_loop = jax.random.split(key)
-    x = process.prior_sampling(key_prior, shape)
+    if noise is None:
+        x = process.prior_sampling(key_prior, shape)
+        step_noise = None
+    else:
+        if noise.shape != (n + 1, *shape):
+            raise ValueError(
+                f"noise must have shape (len(grid) + 1, *shape) = {(n + 1, *shape)}: the prior's "
+                f"draw, then one per step; got {tuple(noise.shape)}"
+            )
+        x = process.prior_std * noise[0]
+        step_noise = noise[1:n]
     times = jnp.asarray(ts, jnp.float32)
     # Correctors without a `project` argument (user-written ones) still work unconditioned.
     with_project = {} if project is None else {"project": project}
@@ -269,20 +393,22 @@ def predictor_corrector(
         x = project(jax.random.fold_in(key_prior, 1), x, times[0])
 
     def step(x, inputs):
-        i, t, s = inputs
+        i, t, s, z = inputs
         key_i = jax.random.fold_in(key_loop, i)
-        key_c, key_p = jax.random.split(key_i)
+        key_c, key_p = jax.random.split(key_i)  # as `_step_keys`, which sampler_noise uses
         x = corrector(key_c, score_fn, process, x, t, **with_project)
-        x = predictor(key_p, score_fn, process, x, t, s)
+        x = predictor(key_p, score_fn, process, x, t, s, **({} if z is None else {"noise": z}))
         if project is not None:
             x = project(jax.random.fold_in(key_i, 1), x, s)
         return x, None
 
-    x, _ = jax.lax.scan(step, x, (jnp.arange(n - 1), times[:-1], times[1:]))
+    x, _ = jax.lax.scan(step, x, (jnp.arange(n - 1), times[:-1], times[1:], step_noise))
     key_last = jax.random.fold_in(key_loop, n - 1)
     x = corrector(key_last, score_fn, process, x, times[-1], **with_project)
     if denoise:
         x = tweedie_denoise(score_fn, process, x, times[-1])
+        if getattr(predictor, "clip_x0", False):
+            x = _clip_x0(x)
         if project is not None:
             x = project.clean(x)
     return SamplerOutput(x, nfe_count((n - 1) * predictor.nfe + n * corrector.nfe + denoise))
@@ -296,27 +422,36 @@ def ancestral(
     *,
     num_steps: int | None = None,
     grid=None,
-    variance: str = "small",
+    variance: str | None = None,
+    clip_x0: bool = False,
+    noise=None,
     project=None,
 ) -> SamplerOutput:
     """DDPM ancestral sampling (Ho et al. 2020, Alg. 2): ancestral predictor, no corrector.
 
     On DDPM's own grid (num_steps = N = 1000 by default) this is Algorithm 2
-    step for step, its last step (to x_0, without noise) being the final
-    Tweedie step; NFE = num_steps. On other processes it is the ancestral
-    sampler of the score SDE code. `variance` "small" is beta-tilde, "large"
-    is beta. `project`: see `predictor_corrector`.
+    and the DDPM code's `p_sample_loop` step for step, its last step (to x_0,
+    without noise) being the final Tweedie step; NFE = num_steps. On the VP
+    and VE SDEs it is the score SDE code's ancestral sampler (its
+    `AncestralSamplingPredictor` with no corrector). `variance`: "small"
+    (beta-tilde), "large" (beta), or None for the reference's choice for the
+    process (see `Ancestral`: "large" for DDPM and the VP SDE). `clip_x0`:
+    clip the predicted x_0 to [-1, 1] at every step and at the end, as the
+    DDPM code does by default (off here). `noise` fixes the draws (see
+    `predictor_corrector`; noise[0] is the prior's, noise[i] the step's into
+    grid[i]). `project`: see `predictor_corrector`.
     """
     return predictor_corrector(
         key,
         score_fn,
         process,
         shape,
-        predictor=Ancestral(variance),
+        predictor=Ancestral(variance, clip_x0),
         corrector=NoCorrector(),
         num_steps=num_steps,
         grid=grid,
         denoise=True,
+        noise=noise,
         project=project,
     )
 
@@ -330,28 +465,41 @@ def ddim(
     num_steps: int | None = 100,
     grid=None,
     eta: float = 0.0,
+    clip_x0: bool = False,
+    noise=None,
     project=None,
 ) -> SamplerOutput:
     """DDIM (Song, Meng and Ermon 2021) with stochasticity eta in [0, 1].
 
     Runs on `num_steps` evenly spaced levels of the process's grid, first and
     last included (100 by default; DDIM reports 10 ... 1000), or on any
-    decreasing `grid` of times (a sub-grid of a discrete process's `times`, for
-    example); the last step lands on x0_hat, as DDIM's does. NFE = number of
-    grid points. `project`: see `predictor_corrector`.
+    decreasing `grid` of times; the last step lands on x0_hat, as DDIM's
+    does. The DDIM code's "uniform" skip instead uses levels 0, k, 2k, ...
+    (never the last level, N - 1): on DDPM, `grid=process.times[::k][::-1]`
+    follows it. NFE = number of grid points. `clip_x0` clips x0_hat to
+    [-1, 1] (diffusers' `clip_sample`; see `DDIM`). `noise` fixes the draws
+    (see `predictor_corrector`; only used when eta > 0). `project`: see
+    `predictor_corrector`.
     """
     return predictor_corrector(
         key,
         score_fn,
         process,
         shape,
-        predictor=DDIM(eta),
+        predictor=DDIM(eta, clip_x0),
         corrector=NoCorrector(),
         num_steps=num_steps,
         grid=grid,
         denoise=True,
+        noise=noise,
         project=project,
     )
+
+
+# NCSN's step_lr = 2e-5 of `anneal_Langevin_dynamics` (x + step_lr a score +
+# sqrt(2 step_lr a) z with a = sigma_i^2 / sigma_L^2) is epsilon = 4e-5 in
+# the paper's Alg. 1 (x + eps_i / 2 score + sqrt(eps_i) z).
+NCSN_STEP_SIZE = 4e-5
 
 
 def annealed_langevin(
@@ -360,7 +508,7 @@ def annealed_langevin(
     process: Process,
     shape: tuple[int, ...],
     *,
-    step_size: float = 2e-5,
+    step_size: float = NCSN_STEP_SIZE,
     n_steps_each: int = 100,
     num_steps: int | None = None,
     grid=None,
@@ -372,17 +520,28 @@ def annealed_langevin(
     For each noise level sigma_i, from the largest, runs `n_steps_each` (T)
     steps of x <- x + alpha_i / 2 score + sqrt(alpha_i) z with
     alpha_i = step_size sigma_i^2 / sigma_L^2; then, if `denoise`, the Tweedie
-    step x + sigma_L^2 score (Song and Ermon 2020). Defaults are the NCSN
-    paper's: step_size (epsilon) 2e-5, T = 100, over the process's N levels.
+    step x + sigma_L^2 score (Song and Ermon 2020; NCSN's code returns the
+    last Langevin iterate, `denoise=False`). Defaults: T = 100 over the
+    process's N levels, as in the NCSN paper, and step_size (its epsilon)
+    4e-5, the value behind the paper's results: the NCSN code's
+    `anneal_Langevin_dynamics` writes the update as x + h score +
+    sqrt(2 h) z with h = step_lr sigma_i^2 / sigma_L^2 and samples with
+    step_lr = 2e-5, which is epsilon = 2 step_lr = 4e-5; the paper's text
+    quotes the code's 2e-5 as epsilon (half that step). step_size must be
+    below 2 sigma_L^2: there each step at the smallest levels reaches the
+    inverse curvature of the smoothed data, overshoots the mode, and from
+    4 sigma_L^2 on the samples diverge (to NaN); a larger value is rejected
+    with a ValueError.
+
     Alg. 1's step rule is stated for noise levels of x + sigma z, so this
     sampler is defined for variance-exploding processes only (NCSN, VESDE).
     NCSNv2's CIFAR-10 choice, eps = 6.2e-6 in its x + eps_i score + sqrt(2 eps_i)
     z, is step_size 1.24e-5 here, with T = 5, sigma_max = 50 and L = 232 on the
-    process (`noise_scales` converts). The NCSN reference code writes the same update
-    as x + h score + sqrt(2 h) z with h = step_lr sigma_i^2 / sigma_L^2, so its
-    step_lr is step_size / 2 here. `project` after every Langevin step is
-    the inpainting algorithm of Song and Ermon (2019), with a fresh noisy copy
-    of the known data per step rather than one per level.
+    process (`noise_scales` converts). Departure: the start is the prior
+    N(0, sigma_max^2 I) (the score SDE code's), where the NCSN code starts from
+    uniform noise on [0, 1]. `project` after every Langevin step is the
+    inpainting algorithm of Song and Ermon (2019), with a fresh noisy copy of
+    the known data per step rather than one per level.
     """
     ts = resolve_grid(process, num_steps, grid)
     with jax.ensure_compile_time_eval():  # concrete even when traced inside a caller's jit
@@ -394,6 +553,13 @@ def annealed_langevin(
             f"with corrector=AnnealedLangevin(...)"
         )
     sigma_last = float(sigmas[-1])
+    if not 0.0 < step_size < 2.0 * sigma_last**2:
+        raise ValueError(
+            f"annealed_langevin step_size={step_size} must be in (0, 2 sigma_L^2 = "
+            f"{2.0 * sigma_last**2:.3g}) for the smallest noise level sigma_L = {sigma_last:.4g} "
+            f"(step_size / sigma_L^2 = {step_size / sigma_last**2:.3g}): larger steps overshoot "
+            "the mode at every level and from 4 sigma_L^2 on the samples diverge to NaN"
+        )
     corrector = AnnealedLangevin(
         snr=math.sqrt(step_size) / (2.0 * sigma_last), n_steps=n_steps_each
     )
