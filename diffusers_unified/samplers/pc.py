@@ -5,39 +5,24 @@ MCMC at a fixed t. DDPM ancestral sampling is "ancestral predictor, no
 corrector", DDIM is "DDIM predictor, no corrector", and annealed Langevin
 dynamics (NCSN) is "no predictor, annealed Langevin corrector".
 
-Predictors are called as `predictor(key, score_fn, process, x, t, s,
-noise=None) -> x` and correctors as `corrector(key, score_fn, process, x, t,
-project=None) -> x`, with scalar times; each declares `nfe`, its number of
-score evaluations per call. A predictor that adds noise draws it from `key`,
-or takes the standard-normal draw `noise` (shaped like x) when given. A
-corrector given a projection (`samplers.conditioning`) applies it after each
-of its MCMC steps. They are frozen dataclasses, so that they can be static
-arguments of `jax.jit`.
-
-The reference codes these follow are the score SDE code (`sampling.py`:
-its predictors, correctors and `get_pc_sampler`), the DDPM code
-(`diffusion_utils_2.py`: `p_sample`), the DDIM code (`functions/denoising.py`:
-`generalized_steps`) and the NCSN code (`runners/anneal_runner.py`:
-`anneal_Langevin_dynamics`). Two departures are shared by all: a step from
-t to s uses the exact Gaussian kernel of the process between those two times
-(`processes.transition`; on DDPM's and NCSN's own grids these are the
-reference's discrete betas and sigmas, on the SDEs' grids they differ from
-the score SDE code's `discrete_betas[i] = beta(t_i) / N` by O(1/N^2)); and
-the last step to clean data is the Tweedie denoiser (`denoise`), see
-`predictor_corrector`.
+The predictors (`samplers.predictors`) and correctors
+(`samplers.correctors`) are re-exported here. The reference codes: the score
+SDE code (`sampling.py`: its predictors, correctors and `get_pc_sampler`),
+the DDPM code (`diffusion_utils_2.py`: `p_sample_loop`), the DDIM code
+(`functions/denoising.py`: `generalized_steps`) and the NCSN code
+(`runners/anneal_runner.py`: `anneal_Langevin_dynamics`). Each function says
+where it departs from them.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
-from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffusers_unified.processes import Process, batch_broadcast, reverse_sde, transition
+from diffusers_unified.processes import Process
 from diffusers_unified.samplers.common import (
     SamplerOutput,
     jitted_sampler,
@@ -45,262 +30,41 @@ from diffusers_unified.samplers.common import (
     resolve_grid,
     tweedie_denoise,
 )
+from diffusers_unified.samplers.correctors import (
+    MAX_ANNEALED_SNR,
+    AnnealedLangevin,
+    Langevin,
+    NoCorrector,
+)
+from diffusers_unified.samplers.predictors import (
+    DDIM,
+    VARIANCES,
+    Ancestral,
+    EulerMaruyama,
+    NoPredictor,
+    ReverseDiffusion,
+    clip_x0,
+)
 from diffusers_unified.typing import Array, PRNGKey, ScoreFn
 
-# -- predictors ---------------------------------------------------------------
-
-
-def _normal(key: PRNGKey, x: Array, noise: Array | None) -> Array:
-    """A step's standard-normal draw: the given `noise`, else one drawn from `key`."""
-    return jax.random.normal(key, x.shape) if noise is None else noise
-
-
-@dataclasses.dataclass(frozen=True)
-class NoPredictor:
-    """Leaves x unchanged (annealed Langevin dynamics moves between levels this way)."""
-
-    nfe: ClassVar[int] = 0
-
-    def __call__(self, key, score_fn, process, x, t, s, noise=None):
-        return x
-
-
-@dataclasses.dataclass(frozen=True)
-class EulerMaruyama:
-    """One Euler-Maruyama step of the reverse SDE from t to s (Song et al. 2021, eq. 6).
-
-    The score SDE code's `EulerMaruyamaPredictor`, except that the step is
-    dt = s - t, the grid's spacing, where the reference takes -1/N on a grid
-    spaced (T - eps)/(N - 1) (the same for the VP SDE's defaults, 0.1 % apart
-    for the VE SDE's). With `probability_flow`, one Euler step of the
-    probability-flow ODE (eq. 13) instead, as the score SDE code's predictors
-    allow: with a corrector, an ODE predictor whose marginals Langevin steps
-    correct.
-    """
-
-    probability_flow: bool = False
-    nfe: ClassVar[int] = 1
-
-    def __call__(self, key, score_fn, process, x, t, s, noise=None):
-        drift, diffusion = reverse_sde(process, score_fn, self.probability_flow)(x, t)
-        dt = s - t
-        z = _normal(key, x, noise)
-        return x + drift * dt + batch_broadcast(diffusion, x) * jnp.sqrt(-dt) * z
-
-
-@dataclasses.dataclass(frozen=True)
-class ReverseDiffusion:
-    """The reverse-diffusion predictor (Song et al. 2021, eq. 46; `ReverseDiffusionPredictor`).
-
-    With the forward step x_t = x_s + f + G z (f = (a - 1) x, G^2 = var, see
-    `processes.transition`), it steps x_s = x_t - f + G^2 score + G z. The
-    reference takes (f, G) from `sde.discretize` at t's level; here they are
-    the exact kernel from s to t (the same on a discrete process's grid).
-    """
-
-    nfe: ClassVar[int] = 1
-
-    def __call__(self, key, score_fn, process, x, t, s, noise=None):
-        a, var = transition(*process.alpha_sigma(s), *process.alpha_sigma(t))
-        z = _normal(key, x, noise)
-        x_mean = (2.0 - a) * x + var * score_fn(x, t)
-        return x_mean + jnp.sqrt(var) * z
-
-
-VARIANCES = ("small", "large")
-
-
-def _clip_x0(x0: Array) -> Array:
-    return jnp.clip(x0, -1.0, 1.0)
-
-
-@dataclasses.dataclass(frozen=True)
-class Ancestral:
-    """Ancestral sampling from p(x_s | x_t) (Ho et al. 2020, Alg. 2, in score form).
-
-    Mean (x_t + var score) / a, which is DDPM's 1/sqrt(alpha_t) (x_t - beta_t /
-    sqrt(1 - alphabar_t) eps) (the DDPM code's `p_sample`), and on VE
-    processes the score SDE code's SMLD step x + (sigma_t^2 - sigma_s^2)
-    score. Variance `"small"` is the posterior variance var sigma_s^2 /
-    sigma_t^2 (DDPM's beta-tilde, `fixedsmall`), `"large"` is var (DDPM's
-    beta_t, `fixedlarge`). `None`, the default, is the reference's choice for
-    the process, `process.ancestral_variance`: "large" on DDPM (the DDPM
-    code's CIFAR-10 runs use `fixedlarge`) and on the VP SDE (the score SDE
-    code's `AncestralSamplingPredictor` adds sqrt(beta) noise), "small" on
-    the VE SDE and NCSN (its VE update adds the posterior variance). Ho et
-    al. report the two alike in sample quality.
-
-    `clip_x0` clips the predicted x_0 = (x_t + sigma_t^2 score) / alpha_t to
-    [-1, 1] and takes the mean of q(x_s | x_t, x_0) at it, as the DDPM code's
-    `p_sample(clip_denoised=True)` (its default) and diffusers' `clip_sample`
-    do; off by default here, since data need not lie in [-1, 1].
-    """
-
-    variance: str | None = None
-    clip_x0: bool = False
-    nfe: ClassVar[int] = 1
-
-    def __post_init__(self):
-        if self.variance is not None and self.variance not in VARIANCES:
-            raise ValueError(
-                f"unknown ancestral variance {self.variance!r}; valid: {', '.join(VARIANCES)}, "
-                "or None for the reference's choice for the process"
-            )
-
-    def __call__(self, key, score_fn, process, x, t, s, noise=None):
-        alpha_s, sigma_s = process.alpha_sigma(s)
-        alpha_t, sigma_t = process.alpha_sigma(t)
-        a, var = transition(alpha_s, sigma_s, alpha_t, sigma_t)
-        if self.clip_x0:
-            x0 = _clip_x0((x + sigma_t**2 * score_fn(x, t)) / alpha_t)
-            mean = (alpha_s * var * x0 + a * sigma_s**2 * x) / sigma_t**2
-        else:
-            mean = (x + var * score_fn(x, t)) / a
-        variance = process.ancestral_variance if self.variance is None else self.variance
-        std = jnp.sqrt(var * sigma_s**2 / sigma_t**2 if variance == "small" else var)
-        return mean + std * _normal(key, x, noise)
-
-
-@dataclasses.dataclass(frozen=True)
-class DDIM:
-    """One DDIM step (Song, Meng and Ermon 2021, eq. 12) from t to s.
-
-    x_s = alpha_s x0_hat + sqrt(sigma_s^2 - c^2) eps_hat + c z with
-    c = eta sqrt(sigma_s^2 / sigma_t^2 (sigma_t^2 - (alpha_t/alpha_s)^2 sigma_s^2)):
-    eta = 0 is deterministic, eta = 1 is ancestral sampling with the small
-    variance. This is the DDIM code's `generalized_steps` update. `clip_x0`
-    clips x0_hat to [-1, 1] and keeps the network's eps_hat, as diffusers'
-    `DDIMScheduler(clip_sample=True)` does by default; the DDIM code does not
-    clip.
-    """
-
-    eta: float = 0.0
-    clip_x0: bool = False
-    nfe: ClassVar[int] = 1
-
-    def __post_init__(self):
-        if not 0.0 <= self.eta <= 1.0:
-            raise ValueError(f"DDIM eta must be in [0, 1], got eta={self.eta}")
-
-    def __call__(self, key, score_fn, process, x, t, s, noise=None):
-        alpha_s, sigma_s = process.alpha_sigma(s)
-        alpha_t, sigma_t = process.alpha_sigma(t)
-        eps = -sigma_t * score_fn(x, t)
-        x0 = (x - sigma_t * eps) / alpha_t
-        if self.clip_x0:
-            x0 = _clip_x0(x0)
-        _, var = transition(alpha_s, sigma_s, alpha_t, sigma_t)
-        c = self.eta * jnp.sqrt(var * sigma_s**2 / sigma_t**2)
-        x_s = alpha_s * x0 + jnp.sqrt(jnp.maximum(sigma_s**2 - c**2, 0.0)) * eps
-        if self.eta == 0.0:
-            return x_s
-        return x_s + c * _normal(key, x, noise)
-
-
-# -- correctors ---------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class NoCorrector:
-    nfe: ClassVar[int] = 0
-
-    def __call__(self, key, score_fn, process, x, t, project=None):
-        return x
-
-
-def _langevin(key, score_fn, x, t, n_steps, step_size_fn, project=None):
-    """n_steps of x <- x + h grad + sqrt(2 h) z, with h = step_size_fn(grad, z).
-
-    With a projection, each step is followed by `project(key, x, t)`, as in
-    the inpainting algorithm of Song and Ermon (2019).
-    """
-
-    def body(i, x):
-        grad = score_fn(x, t)
-        key_i = jax.random.fold_in(key, i)
-        z = jax.random.normal(key_i, x.shape)
-        h = step_size_fn(grad, z)
-        x = x + h * grad + jnp.sqrt(2.0 * h) * z
-        return x if project is None else project(jax.random.fold_in(key_i, 1), x, t)
-
-    return jax.lax.fori_loop(0, n_steps, body, x)
-
-
-def _alpha_factor(process: Process, t: Array) -> Array:
-    # The score SDE code scales corrector steps by alpha_i = 1 - beta_i for VP
-    # processes (1 for VE): the squared mean scale of one default forward step.
-    a, _ = process.step_transition(t)
-    return a**2
-
-
-@dataclasses.dataclass(frozen=True)
-class Langevin:
-    """Langevin MCMC with a signal-to-noise ratio (Song et al. 2021, Alg. 4; `LangevinCorrector`).
-
-    Each of `n_steps` steps is x <- x + h score + sqrt(2 h) z with
-    h = 2 alpha_i (snr ||z|| / ||score||)^2, the norms per example and
-    averaged over the batch as in the reference code (so the step size is
-    shared by the batch; the reference also averages over devices), and
-    alpha_i = 1 - beta_i on VP-type processes, 1 on VE ones (see
-    `_alpha_factor`). Defaults: snr 0.16, one step (the paper's CIFAR-10 VE).
-    """
-
-    snr: float = 0.16
-    n_steps: int = 1
-
-    @property
-    def nfe(self) -> int:
-        return self.n_steps
-
-    def __call__(self, key, score_fn, process, x, t, project=None):
-        alpha = _alpha_factor(process, t)
-
-        def step_size(grad, z):
-            norm = lambda v: jnp.mean(jnp.linalg.norm(v.reshape(v.shape[0], -1), axis=-1))
-            return 2.0 * alpha * (self.snr * norm(z) / norm(grad)) ** 2
-
-        return _langevin(key, score_fn, x, t, self.n_steps, step_size, project)
-
-
-# At snr >= 1/sqrt(2) the annealed step h = 2 (snr sigma)^2 reaches sigma^2,
-# the inverse curvature of log p_t across data concentrated below the noise
-# level (images): every step overshoots the mode, the chain's variance is at
-# least twice the target's, and from snr = 1 on it grows without bound.
-MAX_ANNEALED_SNR = 1.0 / math.sqrt(2.0)
-
-
-@dataclasses.dataclass(frozen=True)
-class AnnealedLangevin:
-    """Langevin MCMC with the step size set by the noise level: h = 2 alpha_i (snr sigma(t))^2.
-
-    This is the score SDE code's "ald" corrector (`AnnealedLangevinDynamics`),
-    step for step. Annealed Langevin dynamics of NCSN (Song and Ermon 2019,
-    Alg. 1), whose update is x + eps_i / 2 score + sqrt(eps_i) z with
-    eps_i = eps sigma_i^2 / sigma_L^2, is this corrector with
-    snr = sqrt(eps) / (2 sigma_L) on a VE process (see `annealed_langevin`).
-    snr must be below 1/sqrt(2) (see MAX_ANNEALED_SNR).
-    """
-
-    snr: float = 0.16
-    n_steps: int = 1
-
-    def __post_init__(self):
-        if not 0.0 < self.snr < MAX_ANNEALED_SNR:
-            raise ValueError(
-                f"AnnealedLangevin snr must be in (0, 1/sqrt(2) = {MAX_ANNEALED_SNR:.4f}), got "
-                f"snr={self.snr}: its step 2 (snr sigma)^2 would overshoot the mode at every "
-                "noise level (and diverge from snr = 1 on)"
-            )
-
-    @property
-    def nfe(self) -> int:
-        return self.n_steps
-
-    def __call__(self, key, score_fn, process, x, t, project=None):
-        _, sigma = process.alpha_sigma(t)
-        h = 2.0 * _alpha_factor(process, t) * (self.snr * sigma) ** 2
-        return _langevin(key, score_fn, x, t, self.n_steps, lambda grad, z: h, project)
-
+__all__ = [
+    "DDIM",
+    "MAX_ANNEALED_SNR",
+    "NCSN_STEP_SIZE",
+    "VARIANCES",
+    "Ancestral",
+    "AnnealedLangevin",
+    "EulerMaruyama",
+    "Langevin",
+    "NoCorrector",
+    "NoPredictor",
+    "ReverseDiffusion",
+    "ancestral",
+    "annealed_langevin",
+    "ddim",
+    "predictor_corrector",
+    "sampler_noise",
+]
 
 # -- samplers -----------------------------------------------------------------
 
@@ -334,8 +98,8 @@ def predictor_corrector(
     process: Process,
     shape: tuple[int, ...],
     *,
-    predictor=ReverseDiffusion(),
-    corrector=Langevin(),
+    predictor=ReverseDiffusion(),  # noqa: B008 (frozen dataclasses: immutable defaults)
+    corrector=Langevin(),  # noqa: B008
     num_steps: int | None = None,
     grid=None,
     denoise: bool = True,
@@ -408,7 +172,7 @@ def predictor_corrector(
     if denoise:
         x = tweedie_denoise(score_fn, process, x, times[-1])
         if getattr(predictor, "clip_x0", False):
-            x = _clip_x0(x)
+            x = clip_x0(x)
         if project is not None:
             x = project.clean(x)
     return SamplerOutput(x, nfe_count((n - 1) * predictor.nfe + n * corrector.nfe + denoise))
