@@ -37,7 +37,7 @@ from diffusers_unified.typing import Array, PRNGKey, ScoreFn
 NOISE_COND_SCALE = 999.0
 
 # What `Process.noise_cond(t)` returns, by `conditioning`:
-CONDITIONINGS = {
+CONDITIONING_MEANINGS = {
     "time": "999 t / T (the default)",
     "sigma": "sigma(t), what the score SDE code's VE networks take (NCSN++ embeds its log)",
     "index": "(N - 1) t / T, the level index that DDPM's and diffusers' networks take "
@@ -150,7 +150,7 @@ class Process:
 
     def _check_conditioning(self) -> None:
         if self.conditioning not in self.CONDITIONINGS:
-            valid = "; ".join(f"{k!r}: {CONDITIONINGS[k]}" for k in self.CONDITIONINGS)
+            valid = "; ".join(f"{k!r}: {CONDITIONING_MEANINGS[k]}" for k in self.CONDITIONINGS)
             raise ValueError(
                 f"unknown conditioning {self.conditioning!r} for {type(self).__name__}; "
                 f"valid: {valid}"
