@@ -25,6 +25,7 @@ def get_config():
     data.num_channels = 1  # images: 1 (grayscale) or 3 (RGB)
     data.centered = True  # images scaled to [-1, 1] if true, else [0, 1]
     data.uniform_dequantization = False  # add U(0, 1) / 2^bits noise to quantised data
+    data.random_flip = False  # images: mirror each training image left-right with p = 1/2
     data.validate_batches = 10  # check this many first batches (shape, range, finite); 0 = all
 
     # -- process -----------------------------------------------------------------

@@ -16,7 +16,9 @@ from diffusers_unified.data.batching import (
     dequantize_key,
     epoch_permutation,
     eval_batches,
+    flip_key,
     gather,
+    to_model_batch,
 )
 from diffusers_unified.data.dataset import DataArrays, Dataset, split_indices
 from diffusers_unified.data.gaussian import ExactScore, GaussianMixture, example_mixture
@@ -56,6 +58,7 @@ __all__ = [
     "epoch_permutation",
     "eval_batches",
     "exact_mixture",
+    "flip_key",
     "example_mixture",
     "gather",
     "image_folder_dataset",
@@ -63,6 +66,7 @@ __all__ = [
     "sample_toy",
     "sample_toy_with_labels",
     "split_indices",
+    "to_model_batch",
     "toy_dataset",
     "validate_batch",
 ]

@@ -29,9 +29,7 @@ from diffusers_unified.nets import NetApply, count_params
 def describe(config) -> dict:
     dataset_kind = kinds.DATASETS[config.data.dataset]
     needs_data = (
-        not dataset_kind.images
-        or config_lib.auto_keys(config)
-        or config.model.class_conditional
+        not dataset_kind.images or config_lib.auto_keys(config) or config.model.class_conditional
     )
     if needs_data:
         ds = dataset_kind.build(config.data, config.seed)
