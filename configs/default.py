@@ -39,6 +39,9 @@ def get_config():
     process.schedule = "linear"  # ddpm: linear | cosine
     process.beta_start = 1e-4  # ddpm, linear schedule
     process.beta_end = 0.02  # ddpm, linear schedule
+    # What the network is conditioned on: auto (999 t, or sigma for the networks that divide
+    # by it) | time (999 t) | sigma | index (ddpm, ncsn: the level index, as diffusers' models)
+    process.conditioning = "auto"
 
     # -- model -------------------------------------------------------------------
     config.model = model = ml_collections.ConfigDict()
@@ -122,8 +125,12 @@ def get_config():
     sampling.num_steps = 0
     sampling.denoise = True  # final Tweedie denoising step
     sampling.eta = 0.0  # ddim: 0 deterministic ... 1 ancestral
-    sampling.variance = "small"  # ancestral: small (beta-tilde) | large (beta)
-    sampling.step_size = 2e-5  # ald: NCSN's epsilon
+    # ancestral: reference (each process's reference code: large for DDPM, VP, sub-VP;
+    # small for VE, NCSN) | small (beta-tilde) | large (beta)
+    sampling.variance = "reference"
+    sampling.clip_x0 = False  # ancestral, ddim: clip the predicted x_0 to [-1, 1] (DDPM's code)
+    # ald: the NCSN paper's epsilon; 4e-5 is the NCSN code's step_lr 2e-5 (epsilon = 2 step_lr)
+    sampling.step_size = 4e-5
     sampling.ode_method = "dopri5"  # ode: euler | heun | rk4 | dopri5 | tsit5
     sampling.rtol = 1e-5  # ode, adaptive methods
     sampling.atol = 1e-5  # ode, adaptive methods
@@ -154,6 +161,7 @@ def get_config():
     evaluate.rtol = 1e-5  # ode, adaptive methods (the score SDE code's RK45 setting)
     evaluate.atol = 1e-5
     evaluate.num_steps = 1_000  # ode, fixed-step methods
+    evaluate.t_min = 1e-5  # ode: the likelihood's start time (the score SDE code's eps)
 
     # -- several hosts ------------------------------------------------------------------
     config.distributed = distributed = ml_collections.ConfigDict()

@@ -78,3 +78,38 @@ def test_killed_eval_resumes_without_recomputing_finished_parts(trained, evaluat
     # Same keys, same part results: the resumed eval reports exactly what an
     # uninterrupted one does.
     assert json.loads((workdir / "eval" / "step_20.json").read_text()) == evaluated[1]
+
+
+@pytest.mark.slow
+def test_eval_on_four_devices_gives_the_one_device_figures(trained, evaluated, tmp_path):
+    """Sample shards and likelihood batches run one per device (4 host-platform devices).
+
+    Each unit has its own key and inputs whatever the device count, so the
+    figures are the one-device ones: the same float32 arithmetic, up to XLA's
+    fusion choices in each compilation (measured: identical).
+    """
+    workdir = tmp_path / "four"
+    shutil.copytree(trained, workdir)
+    result = lu.run(
+        workdir,
+        "--config.eval.num_samples=128",  # 2 shards of 64: two devices draw at once
+        mode="eval",
+        config=EVAL_TINY,
+        devices=4,
+    )
+    assert result.code == 0, result
+    four = json.loads((workdir / "eval" / "step_20.json").read_text())
+    one_dir = tmp_path / "one"
+    shutil.copytree(trained, one_dir)
+    result = lu.run(one_dir, "--config.eval.num_samples=128", mode="eval", config=EVAL_TINY)
+    assert result.code == 0, result
+    one = json.loads((one_dir / "eval" / "step_20.json").read_text())
+    assert four.keys() == one.keys()
+    for key, value in one.items():
+        if isinstance(value, float):
+            assert four[key] == pytest.approx(value, rel=1e-6, abs=1e-9), key
+        else:
+            assert four[key] == value, key
+    # And the likelihood parts are the uninterrupted eval's (same keys per batch).
+    for key in ("ode_bpd", "bound_bpd"):
+        assert four[key] == pytest.approx(evaluated[1][key], rel=1e-6), key

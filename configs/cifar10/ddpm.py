@@ -23,4 +23,5 @@ def get_config():
     m.embedding, m.skip_rescale, m.ema_rate = "sinusoidal", False, 0.9999
     config.data.centered = True
     config.training.n_iters = 800_000
+    config.sampling.clip_x0 = True
     return config

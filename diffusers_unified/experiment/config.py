@@ -136,7 +136,8 @@ CHOICES = {
     "sampling.method": tuple(kinds.SAMPLERS),
     "sampling.predictor": tuple(kinds.PREDICTORS),
     "sampling.corrector": tuple(kinds.CORRECTORS),
-    "sampling.variance": ("small", "large"),  # samplers.pc.VARIANCES
+    "sampling.variance": ("reference", "small", "large"),  # samplers.pc.VARIANCES + reference
+    "process.conditioning": ("auto", "time", "sigma", "index"),
     "sampling.ode_method": ("euler", "heun", "rk4", "dopri5", "tsit5"),  # samplers.ode.METHODS
     "sampling.edm_scaling": ("none", "vp"),  # samplers.fast.EDM_SCALINGS
     "eval.likelihood": ("ode", "bound", "all", "none"),
@@ -159,7 +160,6 @@ LIBRARY_CHOICES = {
     "training.weighting": ("losses", "WEIGHTINGS"),
     "training.reduce": ("losses", "REDUCTIONS"),
     "optim.optimizer": ("training.optimizer", "OPTIMIZERS"),
-    "sampling.variance": ("samplers.pc", "VARIANCES"),
     "sampling.ode_method": ("samplers.ode", "METHODS"),
     "sampling.edm_scaling": ("samplers.fast", "EDM_SCALINGS"),
     "eval.divergence": ("likelihood", "DIVERGENCES"),
@@ -209,6 +209,7 @@ POSITIVE_FLOATS = (
     "sampling.rtol",
     "sampling.atol",
     "eval.rtol",
+    "eval.t_min",
     "eval.atol",
 )
 UNIT_INTERVAL = (

@@ -30,10 +30,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffusers_unified import faults, likelihood, metrics
-from diffusers_unified.experiment import kinds
+from diffusers_unified.experiment import devices, kinds
+from diffusers_unified.experiment.devices import DeviceMap
 from diffusers_unified.experiment.figures import save_npz
 from diffusers_unified.experiment.run import Run, build_run, restore
-from diffusers_unified.experiment.sample import SAMPLE_STREAM, draw, sample_metrics
+from diffusers_unified.experiment.sample import (
+    SAMPLE_STREAM,
+    check_finite_samples,
+    draw,
+    sample_metrics,
+)
 from diffusers_unified.experiment.workdir import Workdir, atomic_write
 
 logger = logging.getLogger("diffusers_unified")
@@ -41,27 +47,37 @@ logger = logging.getLogger("diffusers_unified")
 LIKELIHOOD_STREAM = 3_000_017  # keeps dequantisation and probe keys apart from sampling keys
 
 
-def evaluate(config, workdir: str, checkpoint: str = "latest", on_corrupt: str = "raise") -> dict:
+def evaluate(config, workdir: str, checkpoint: str = "latest", on_corrupt: str = "raise"):
+    """Evaluates one checkpoint; returns the figures (on process 0; None on the others)."""
     wd = Workdir(workdir)
     run = build_run(config)
     step, state = restore(run, wd, checkpoint, on_corrupt)
-    wd.start_logging("eval", None)
+    primary = jax.process_index() == 0
+    if primary:
+        wd.start_logging("eval", None)
     parts = os.path.join(wd.eval, f"step_{step}_parts")
     os.makedirs(parts, exist_ok=True)
     seed_key = jax.random.PRNGKey(config.seed)
-
+    # Every process takes part in drawing the samples and computing the likelihoods
+    # (one unit per device); process 0 then measures and writes.
     key = jax.random.fold_in(seed_key, SAMPLE_STREAM + 1 + step)
     x, _, nfe = draw(run, state.ema_params, config.eval.num_samples, key, parts)
+    key = jax.random.fold_in(seed_key, LIKELIHOOD_STREAM + step)
+    likelihoods = {}
+    for kind in likelihood_kinds(config, run):
+        out = held_out_likelihood(run, state.ema_params, kind, key, parts)
+        likelihoods.update(out or {})
+    if not primary:
+        return None
+    check_finite_samples(run, x)
     result = {
         "step": step,
         "sampler": run.describe_sampler(),
         "nfe": nfe,
         **sample_metrics(run, x, config.seed),
         **distribution_metrics(run, x, config.seed),
+        **likelihoods,
     }
-    key = jax.random.fold_in(seed_key, LIKELIHOOD_STREAM + step)
-    for kind in likelihood_kinds(config, run):
-        result.update(held_out_likelihood(run, state.ema_params, kind, key, parts))
     path = os.path.join(wd.eval, f"step_{step}.json")
     atomic_write(path, json.dumps(result, indent=2, sort_keys=True) + "\n")
     logger.info("eval at step %d: %s", step, json.dumps(result, sort_keys=True))
@@ -113,8 +129,14 @@ def distribution_metrics(run: Run, samples: np.ndarray, seed: int) -> dict:
     return out
 
 
+def _discretized_bound(run: Run) -> bool:
+    """DDPM's bound uses its discretised decoder on centred quantised data (else a Gaussian)."""
+    scaling = run.dataset.scaling
+    return scaling.bits is not None and scaling.centered
+
+
 def _likelihood_fn(run: Run, kind: str):
-    """A jitted (key, score_fn, x) -> {name: per-example array} for `kind`."""
+    """(key, score_fn, x) -> {name: per-example array} for `kind` (traceable)."""
     e, scaling = run.config.eval, run.dataset.scaling
     if kind == "ode":
         fn = functools.partial(
@@ -126,6 +148,7 @@ def _likelihood_fn(run: Run, kind: str):
             rtol=e.rtol,
             atol=e.atol,
             num_steps=e.num_steps,
+            t_min=e.t_min,
             bpd_offset=scaling.bpd_offset,
         )
 
@@ -134,13 +157,13 @@ def _likelihood_fn(run: Run, kind: str):
             nfe = jnp.broadcast_to(out.nfe, out.bpd.shape)
             return {"nll": -out.log_likelihood, "bpd": out.bpd, "nfe": nfe}
 
-        return jax.jit(ode)
-    # DDPM's bound: the discretised decoder on centred quantised data, else a Gaussian one.
-    discretized = scaling.bits is not None and scaling.centered
+        return ode
+    discretized = _discretized_bound(run)
     fn = functools.partial(
         likelihood.ddpm_bound,
-        variance=run.config.sampling.variance,
+        variance=kinds.variance(run.config.sampling),
         decoder="discretized" if discretized else "gaussian",
+        clip_x0=discretized,  # the DDPM code's calc_bpd_loop(clip_denoised=True)
         bits=scaling.bits or 8,
         bpd_offset=0.0 if discretized else scaling.bpd_offset,
     )
@@ -155,11 +178,12 @@ def _likelihood_fn(run: Run, kind: str):
             "nfe": jnp.broadcast_to(out.nfe, out.bpd.shape),
         }
 
-    return jax.jit(bound)
+    return bound
 
 
 def _likelihood_tag(config, kind: str) -> str:
     keep = {
+        "version": 2,  # 2: bin centres for the discretised bound, t_min 1e-5, Rademacher
         "kind": kind,
         "eval": config.eval.to_dict(),
         "variance": config.sampling.variance,
@@ -173,37 +197,67 @@ def _likelihood_tag(config, kind: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
-def held_out_likelihood(run: Run, params, kind: str, key, parts_dir: str) -> dict:
+def held_out_likelihood(run: Run, params, kind: str, key, parts_dir: str) -> dict | None:
     """Mean likelihood figures of the first eval.num_likelihood held-out examples.
 
     Batches of eval.likelihood_batch (the last one padded by repetition, so
-    one compilation serves all) are computed once and kept on disk.
+    one compilation serves all) run one per device at a time, each with its
+    own keys, so the figures do not depend on the device count; each batch
+    is written to disk by the process that computed it and reused on a
+    rerun. Quantised data are dequantised for the ODE likelihood; DDPM's
+    discretised decoder sees the levels themselves, on its bins' centres
+    (v / 127.5 - 1 for 8 bits), as the DDPM code evaluates it. Returns None
+    on every process but 0.
     """
     e, scaling = run.config.eval, run.dataset.scaling
     stored, labels = run.dataset.split("test")
+    conditional = labels is not None and run.config.model.class_conditional
     n = min(e.num_likelihood, len(stored))
     batch = min(e.likelihood_batch, n)
     out_dir = os.path.join(parts_dir, f"likelihood_{kind}_{_likelihood_tag(run.config, kind)}")
     os.makedirs(out_dir, exist_ok=True)
+    path = lambda i: os.path.join(out_dir, f"batch_{i:05d}.npz")
     fn = _likelihood_fn(run, kind)
-    results, reused = [], 0
-    for i, start in enumerate(range(0, n, batch)):
-        path = os.path.join(out_dir, f"batch_{i:05d}.npz")
-        if os.path.exists(path):
-            with np.load(path) as part:
-                results.append({k: part[k] for k in part.files})
-            reused += 1
+    dequantize = scaling.bits is not None and not (kind == "bound" and _discretized_bound(run))
+
+    def one_batch(unit, params):
+        x = scaling.to_model(unit["x"], unit["deq_key"] if dequantize else None)
+        score_fn = run.score_fn(params, unit["y"] if conditional else None)
+        return fn(unit["key"], score_fn, x)
+
+    mapped = DeviceMap(run.mesh, one_batch)
+    starts = list(range(0, n, batch))
+    results, reused = {}, 0
+    for first in range(0, len(starts), mapped.size):
+        group = range(first, min(first + mapped.size, len(starts)))
+        on_disk = {i for i in group if os.path.exists(path(i))}
+        reused += len(on_disk)
+        if not devices.any_process(len(on_disk) < len(group)):
             continue
-        index = np.arange(start, start + batch) % n  # pads the last batch by repetition
-        k_deq, k_fn = jax.random.split(jax.random.fold_in(key, i))
-        x = scaling.to_model(stored[index], key=k_deq if scaling.bits is not None else None)
-        y = None if labels is None or not run.config.model.class_conditional else labels[index]
-        values = jax.device_get(fn(k_fn, run.score_fn(params, y), x))
-        keep = min(batch, n - start)
-        part = {name: np.asarray(v)[:keep] for name, v in values.items()}
-        save_npz(path, **part)
-        results.append(part)
-        faults.after_part_written(faults.KILL_AFTER_EVAL_PARTS)
+        index = [np.arange(starts[i], starts[i] + batch) % n for i in group]  # pads by repetition
+        keys = [jax.random.split(jax.random.fold_in(key, i)) for i in group]
+        units = {
+            "x": np.stack([stored[ix] for ix in index]),
+            "y": np.stack([labels[ix] for ix in index]) if conditional else None,
+            "deq_key": np.stack([np.asarray(k[0]) for k in keys]),
+            "key": np.stack([np.asarray(k[1]) for k in keys]),
+        }
+        for j, values in mapped(units, (params,)).items():
+            i = first + j
+            keep = min(batch, n - starts[i])
+            part = {name: np.asarray(v)[:keep] for name, v in values.items()}
+            if i not in on_disk:
+                save_npz(path(i), **part)
+                faults.after_part_written(faults.KILL_AFTER_EVAL_PARTS)
+            results[i] = part
+    devices.barrier(f"likelihood_{kind}")
+    if jax.process_index() != 0:
+        return None
+    for i in range(len(starts)):
+        if i not in results:
+            with np.load(path(i)) as part:
+                results[i] = {k: part[k] for k in part.files}
+    results = [results[i] for i in range(len(starts))]
     merged = {name: np.concatenate([r[name] for r in results]) for name in results[0]}
     prefix = "ode" if kind == "ode" else "bound"
     bpd = merged["bpd"]

@@ -179,13 +179,18 @@ LOSSES: dict[str, Callable] = {
 
 # -- samplers ------------------------------------------------------------------------------------
 
+def variance(sampling) -> str | None:
+    """sampling.variance as the samplers take it: None for each process's reference choice."""
+    return None if sampling.variance == "reference" else sampling.variance
+
+
 # the `sampling` section -> a predictor / corrector of the predictor-corrector sampler
 PREDICTORS: dict[str, Callable] = {
     "none": lambda s: _lib("samplers").NoPredictor(),
     "euler_maruyama": lambda s: _lib("samplers").EulerMaruyama(),
     "reverse_diffusion": lambda s: _lib("samplers").ReverseDiffusion(),
-    "ancestral": lambda s: _lib("samplers").Ancestral(s.variance),
-    "ddim": lambda s: _lib("samplers").DDIM(s.eta),
+    "ancestral": lambda s: _lib("samplers").Ancestral(variance(s), s.clip_x0),
+    "ddim": lambda s: _lib("samplers").DDIM(s.eta, s.clip_x0),
 }
 CORRECTORS: dict[str, Callable] = {
     "none": lambda s: _lib("samplers").NoCorrector(),
@@ -204,10 +209,14 @@ class SamplerKind:
 
 SAMPLERS: dict[str, SamplerKind] = {
     "ancestral": SamplerKind(
-        lambda s, n: functools.partial(_lib("samplers").ancestral, num_steps=n, variance=s.variance)
+        lambda s, n: functools.partial(
+            _lib("samplers").ancestral, num_steps=n, variance=variance(s), clip_x0=s.clip_x0
+        )
     ),
     "ddim": SamplerKind(
-        lambda s, n: functools.partial(_lib("samplers").ddim, num_steps=n, eta=s.eta)
+        lambda s, n: functools.partial(
+            _lib("samplers").ddim, num_steps=n, eta=s.eta, clip_x0=s.clip_x0
+        )
     ),
     "ald": SamplerKind(
         lambda s, n: functools.partial(

@@ -176,9 +176,21 @@ def build_process(resolved, module) -> Process:
         process = kinds.PROCESSES[resolved.process.name].build(resolved.process)
     except ValueError as e:
         raise ConfigError(f"process section: {e}") from e
-    conditioning = getattr(module, "noise_cond_kind", "time")
+    needs = getattr(module, "noise_cond_kind", "time")
+    conditioning = resolved.process.conditioning
+    if conditioning == "auto":
+        conditioning = needs
+    elif needs == "sigma" and conditioning != "sigma":
+        raise ConfigError(
+            f"process.conditioning={conditioning!r}, but model.name={resolved.model.name!r} with "
+            "these settings is conditioned on sigma itself (it divides its output by sigma or "
+            "embeds log sigma); use process.conditioning='auto' or 'sigma'"
+        )
     if conditioning != process.conditioning:
-        process = dataclasses.replace(process, conditioning=conditioning)
+        try:
+            process = dataclasses.replace(process, conditioning=conditioning)
+        except ValueError as e:
+            raise ConfigError(f"process.conditioning={conditioning!r}: {e}") from e
     return process
 
 

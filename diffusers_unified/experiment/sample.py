@@ -18,6 +18,10 @@ import time
 import jax
 import numpy as np
 
+from diffusers_unified import faults
+from diffusers_unified.errors import ConfigError
+from diffusers_unified.experiment import devices
+from diffusers_unified.experiment.devices import DeviceMap
 from diffusers_unified.experiment.figures import save_npz, save_samples_figure
 from diffusers_unified.experiment.run import Run, build_run, host_copy, restore
 from diffusers_unified.experiment.workdir import Workdir
@@ -37,56 +41,95 @@ def sampler_tag(config) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
+def sampler_map(run: Run) -> DeviceMap:
+    """The config's sampler on one shard per device: (key data, labels), params -> output."""
+    shape = (run.config.sampling.batch_size, *run.data_shape)
+    w = run.config.sampling.guidance_weight
+
+    def one_shard(unit, params):
+        y = unit["y"]
+        score_fn = run.score_fn(params, y, w if y is not None and w > 0 else None)
+        out = run.sampler(unit["key"], score_fn, run.process, shape)
+        return {"samples": out.samples, "nfe": out.nfe}
+
+    return DeviceMap(run.mesh, one_shard)
+
+
 def draw(run: Run, params, n: int, key, out_dir: str | None = None, seconds=None):
-    """n samples in shards of sampling.batch_size; shards already on disk are reused.
+    """n samples in shards of sampling.batch_size, one shard per device at a time.
 
     Returns (samples, labels or None, NFE per sample). Shard i uses
-    fold_in(key, i), so the result does not depend on where a run stopped.
-    `seconds`, a list, receives each drawn shard's wall time (the first one
-    includes compiling the sampler).
+    fold_in(key, i), so the result depends neither on where a run stopped
+    nor on the number of devices or processes. With `out_dir`, each shard
+    is written atomically as it is finished (by the process that drew it)
+    and shards already on disk are reused. `seconds`, a list, receives each
+    call's wall time (the first includes compiling the sampler). With
+    several processes, the shard files (on a file system they share) are
+    how process 0 sees the others' shards: it alone returns the samples,
+    the others return (None, None, nfe).
     """
     batch = run.config.sampling.batch_size
     if out_dir is not None:
         # One folder per sampler setting: shards of another sampler must never be reused.
         out_dir = os.path.join(out_dir, sampler_tag(run.config))
         os.makedirs(out_dir, exist_ok=True)
-    xs, ys, nfe = [], [], 0
-    for i in range(math.ceil(n / batch)):
-        path = None if out_dir is None else os.path.join(out_dir, f"shard_{i:05d}.npz")
-        if path and os.path.exists(path):
-            with np.load(path) as shard:
-                xs.append(shard["samples"])
-                ys.append(shard["labels"] if "labels" in shard else None)
-                nfe = int(shard["nfe"])
-            continue
-        y = run.labels(i * batch, batch)
+    path = lambda i: None if out_dir is None else os.path.join(out_dir, f"shard_{i:05d}.npz")
+    num_shards = math.ceil(n / batch)
+    mapped = sampler_map(run)
+    shards: dict[int, dict] = {}
+    for first in range(0, num_shards, mapped.size):
+        group = range(first, min(first + mapped.size, num_shards))
+        on_disk = {i for i in group if path(i) and os.path.exists(path(i))}
+        if not devices.any_process(len(on_disk) < len(group)):
+            continue  # every process has every shard of the group: nothing to compute
+        units = {
+            "key": np.stack([np.asarray(jax.random.fold_in(key, i)) for i in group]),
+            "y": _stack_or_none([run.labels(i * batch, batch) for i in group]),
+        }
         start = time.perf_counter()
-        out = run.sample(jax.random.fold_in(key, i), params, batch, y)
-        x = np.asarray(jax.device_get(out.samples))
+        drawn = mapped(units, (params,))
         if seconds is not None:
             seconds.append(time.perf_counter() - start)
-        nfe = int(out.nfe)
-        labels = None if y is None else np.asarray(y)
-        if path:
-            extra = {} if labels is None else {"labels": labels}
-            save_npz(path, samples=x, nfe=np.int64(nfe), **extra)
-        xs.append(x)
-        ys.append(labels)
-    x = np.concatenate(xs)[:n]
-    y = None if ys[0] is None else np.concatenate(ys)[:n]
-    return x, y, nfe
+        for j, out in drawn.items():
+            i = first + j
+            shard = {"samples": out["samples"], "nfe": np.int64(out["nfe"])}
+            if units["y"] is not None:
+                shard["labels"] = np.asarray(units["y"][j])
+            if path(i) and i not in on_disk:
+                save_npz(path(i), **shard)
+                faults.after_part_written(faults.KILL_AFTER_SAMPLE_SHARDS)
+            shards[i] = shard
+    devices.barrier("draw")
+    if jax.process_index() != 0:
+        return None, None, int(next(iter(shards.values()))["nfe"]) if shards else 0
+    for i in range(num_shards):
+        if i not in shards:  # drawn by an earlier run, or by another process
+            with np.load(path(i)) as f:
+                shards[i] = {k: f[k] for k in f.files}
+    x = np.concatenate([shards[i]["samples"] for i in range(num_shards)])[:n]
+    has_labels = "labels" in shards[0]
+    y = np.concatenate([shards[i]["labels"] for i in range(num_shards)])[:n] if has_labels else None
+    return x, y, int(shards[num_shards - 1]["nfe"])
+
+
+def _stack_or_none(arrays):
+    return None if arrays[0] is None else np.stack([np.asarray(a) for a in arrays])
 
 
 def sample(config, workdir: str, checkpoint: str = "latest", on_corrupt: str = "raise") -> str:
     wd = Workdir(workdir)
     run = build_run(config)
     step, state = restore(run, wd, checkpoint, on_corrupt)
-    wd.start_logging("sample", None)
+    if jax.process_index() == 0:
+        wd.start_logging("sample", None)
     out_dir = os.path.join(wd.samples, f"step_{step}")
     os.makedirs(out_dir, exist_ok=True)
     key = jax.random.fold_in(jax.random.PRNGKey(config.seed), SAMPLE_STREAM + step)
     n = config.sampling.num_samples
     x, y, nfe = draw(run, state.ema_params, n, key, os.path.join(out_dir, "shards"))
+    if x is None:  # not process 0: its shards are written
+        return out_dir
+    check_finite_samples(run, x)
     arrays = {"samples": x} if y is None else {"samples": x, "labels": y}
     path = os.path.join(out_dir, "samples.npz")
     save_npz(path, nfe=np.int64(nfe), **arrays)
@@ -108,6 +151,19 @@ def sample(config, workdir: str, checkpoint: str = "latest", on_corrupt: str = "
         figure,
     )
     return path
+
+
+def check_finite_samples(run: Run, x: np.ndarray) -> None:
+    """Non-finite samples are an error that names the sampler's settings, never a silent NaN."""
+    bad = ~np.isfinite(x.reshape(len(x), -1)).all(axis=1)
+    if bad.any():
+        s = run.config.sampling
+        raise ConfigError(
+            f"{int(bad.sum())} of {len(x)} samples of {run.describe_sampler()} are not finite "
+            f"(NaN or inf): the sampler diverged. Check its settings: sampling.method="
+            f"{s.method!r}, sampling.num_steps={s.num_steps}, sampling.step_size={s.step_size}, "
+            f"sampling.snr={s.snr}, sampling.n_steps_each={s.n_steps_each}"
+        )
 
 
 def sample_metrics(run: Run, samples: np.ndarray, seed: int, splits: int = 8) -> dict:

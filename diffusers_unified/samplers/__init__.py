@@ -26,6 +26,7 @@ from diffusers_unified.samplers.pc import (
     annealed_langevin,
     ddim,
     predictor_corrector,
+    sampler_noise,
 )
 
 __all__ = [
@@ -50,5 +51,6 @@ __all__ = [
     "predictor_corrector",
     "probability_flow",
     "resolve_grid",
+    "sampler_noise",
     "tweedie_denoise",
 ]

@@ -1,0 +1,101 @@
+"""Sampling and evaluation on every device of every process: independent units in parallel.
+
+Sampling and likelihood evaluation split into units that do not talk to
+each other: a shard of samples (`sampling.batch_size` of them, drawn with
+the key fold_in(key, shard)) or a batch of held-out examples. A unit's
+result depends only on its own key and inputs, never on how many devices
+there are, so running G units at once, one per device of the mesh (every
+process's devices, `jax.sharding`), gives the one-device result within
+float tolerance, and a run may resume on another number of devices.
+
+`DeviceMap` runs a function on G units at once with `jax.shard_map` over
+the mesh's "data" axis: unit j of a call on the device at mesh position j,
+its inputs sliced there, the rest (parameters, score function) replicated.
+Each process gets back the results of the units on its own devices.
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+
+class DeviceMap:
+    """`DeviceMap(mesh, fn)(per_unit, shared)`: fn on up to G units at once, G = mesh size.
+
+    `fn(unit, *shared) -> pytree of arrays`, where `unit` is one row of each
+    leaf of `per_unit` (NumPy arrays with a leading unit axis, the same on
+    every process) and `shared` is passed to every device whole. Compiled
+    once per shapes. Returns {unit index: result as NumPy arrays} for the
+    units this process's devices ran; fewer than G units are padded (the
+    padding's results are dropped).
+    """
+
+    def __init__(self, mesh: Mesh, fn):
+        self.mesh = mesh
+        self.size = mesh.devices.size
+        self._rows = NamedSharding(mesh, P("data"))
+        self._everywhere = NamedSharding(mesh, P())
+
+        def body(units, shared):
+            out = fn(jax.tree.map(lambda a: a[0], units), *shared)
+            return jax.tree.map(lambda a: a[None], out)
+
+        self._mapped = jax.jit(
+            jax.shard_map(
+                body, mesh=mesh, in_specs=(P("data"), P()), out_specs=P("data"), check_vma=False
+            )
+        )
+        # Mesh position of each of this process's devices.
+        self._mine = [
+            i for i, d in enumerate(mesh.devices.flat) if d.process_index == jax.process_index()
+        ]
+
+    def __call__(self, per_unit, shared=()) -> dict[int, object]:
+        n = len(jax.tree.leaves(per_unit)[0])
+        if not 0 < n <= self.size:
+            raise ValueError(f"DeviceMap runs 1 to {self.size} units at once, got {n}")
+
+        def global_rows(a):
+            a = np.asarray(a)
+            pad = np.repeat(a[-1:], self.size - n, axis=0)  # padding: copies of the last unit
+            a = np.concatenate([a, pad]) if len(pad) else a
+            return jax.make_array_from_callback(a.shape, self._rows, lambda idx: a[idx])
+
+        def replicated(a):
+            a = np.asarray(a)
+            return jax.make_array_from_callback(a.shape, self._everywhere, lambda idx: a[idx])
+
+        shared = jax.tree.map(replicated, tuple(shared))
+        out = self._mapped(jax.tree.map(global_rows, per_unit), shared)
+        results = {}
+        for leaf_path, leaf in jax.tree_util.tree_flatten_with_path(out)[0]:
+            for shard in leaf.addressable_shards:
+                j = shard.index[0].start or 0  # slice(None) when the mesh has one device
+                if j < n:
+                    results.setdefault(j, {})[leaf_path] = np.asarray(shard.data)[0]
+        treedef = jax.tree.structure(out)
+        return {
+            j: jax.tree_util.tree_unflatten(treedef, [parts[p] for p, _ in _paths(out)])
+            for j, parts in sorted(results.items())
+        }
+
+
+def _paths(tree):
+    return jax.tree_util.tree_flatten_with_path(tree)[0]
+
+
+def any_process(flag: bool) -> bool:
+    """Whether `flag` holds on any process (a collective where there are several)."""
+    if jax.process_count() == 1:
+        return flag
+    return bool(np.any(multihost_utils.process_allgather(np.int32(flag))))
+
+
+def barrier(name: str) -> None:
+    """Every process waits here until all have arrived (a no-op for one process)."""
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
