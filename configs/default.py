@@ -144,7 +144,8 @@ def get_config():
     sampling.guidance_weight = 0.0
     sampling.class_label = -1  # class-conditional: every sample's label; -1 = classes in turn
     sampling.num_samples = 2_000  # samples written by --mode=sample and the final snapshot
-    sampling.batch_size = 2_000  # samples drawn per sampler call
+    sampling.batch_size = 2_000  # samples drawn per sampler call (per device)
+    sampling.write_png = False  # images: also write every sample as a PNG file
 
     # -- evaluation --------------------------------------------------------------------
     config.eval = evaluate = ml_collections.ConfigDict()
@@ -162,6 +163,15 @@ def get_config():
     evaluate.atol = 1e-5
     evaluate.num_steps = 1_000  # ode, fixed-step methods
     evaluate.t_min = 1e-5  # ode: the likelihood's start time (the score SDE code's eps)
+    # FID, Inception Score and KID on the FID Inception-v3 (images): the weights are a local
+    # file written once by `diffusers-unified-convert inception` (nothing is downloaded).
+    evaluate.fid = False
+    evaluate.inception_weights = ""
+    evaluate.fid_split = "train"  # the data split the samples are compared with: train | test
+    evaluate.fid_stats = ""  # optional precomputed reference statistics (pytorch-fid .npz)
+    evaluate.inception_batch = 200  # images per Inception call (per device)
+    evaluate.kid_reference = 10_000  # reference images whose features KID uses
+    evaluate.is_splits = 10  # Inception Score splits (improved-GAN; TF-GAN's is 1)
 
     # -- several hosts ------------------------------------------------------------------
     config.distributed = distributed = ml_collections.ConfigDict()

@@ -144,6 +144,7 @@ CHOICES = {
     "eval.divergence": ("exact", "hutchinson"),  # likelihood.DIVERGENCES
     "eval.probe": ("rademacher", "gaussian"),  # likelihood.PROBES
     "eval.ode_method": ("euler", "heun", "rk4", "dopri5", "tsit5"),  # samplers.ode.METHODS
+    "eval.fid_split": ("train", "test"),
 }
 # The library's option list each of those keys must equal (module, attribute).
 LIBRARY_CHOICES = {
@@ -184,6 +185,9 @@ POSITIVE_INTS = (
     "eval.likelihood_batch",
     "eval.num_probes",
     "eval.num_steps",
+    "eval.inception_batch",
+    "eval.kid_reference",
+    "eval.is_splits",
     "distributed.num_processes",
 )
 NON_NEGATIVE_INTS = (
@@ -310,12 +314,13 @@ def check_values(config, device_count: int | None = None) -> None:
                 "updates run in compiled chunks of that many, and logs, checkpoints and "
                 "snapshots happen between chunks"
             )
-    for key in ("training.batch_size", "sampling.batch_size"):
-        if device_count and values[key] % device_count:
-            raise ConfigError(
-                f"{key}={values[key]} must be divisible by device count {device_count} "
-                f"(per-device batch would be {values[key] / device_count:g})"
-            )
+    # (sampling.batch_size is per device: every device draws whole shards of samples)
+    key = "training.batch_size"
+    if device_count and values[key] % device_count:
+        raise ConfigError(
+            f"{key}={values[key]} must be divisible by device count {device_count} "
+            f"(per-device batch would be {values[key] / device_count:g})"
+        )
 
 
 def _check_conditioning(values: dict) -> None:

@@ -30,8 +30,9 @@ class DeviceMap:
     leaf of `per_unit` (NumPy arrays with a leading unit axis, the same on
     every process) and `shared` is passed to every device whole. Compiled
     once per shapes. Returns {unit index: result as NumPy arrays} for the
-    units this process's devices ran; fewer than G units are padded (the
-    padding's results are dropped).
+    units this process's devices ran (every unit with `everywhere`, gathered
+    from all processes); fewer than G units are padded (the padding's
+    results are dropped).
     """
 
     def __init__(self, mesh: Mesh, fn):
@@ -54,7 +55,7 @@ class DeviceMap:
             i for i, d in enumerate(mesh.devices.flat) if d.process_index == jax.process_index()
         ]
 
-    def __call__(self, per_unit, shared=()) -> dict[int, object]:
+    def __call__(self, per_unit, shared=(), *, everywhere: bool = False) -> dict[int, object]:
         n = len(jax.tree.leaves(per_unit)[0])
         if not 0 < n <= self.size:
             raise ValueError(f"DeviceMap runs 1 to {self.size} units at once, got {n}")
@@ -71,6 +72,11 @@ class DeviceMap:
 
         shared = jax.tree.map(replicated, tuple(shared))
         out = self._mapped(jax.tree.map(global_rows, per_unit), shared)
+        if everywhere:  # every unit's result on every process
+            if jax.process_count() > 1:
+                out = multihost_utils.process_allgather(out, tiled=True)
+            out = jax.tree.map(np.asarray, out)
+            return {j: jax.tree.map(lambda a, j=j: a[j], out) for j in range(n)}
         results = {}
         for leaf_path, leaf in jax.tree_util.tree_flatten_with_path(out)[0]:
             for shard in leaf.addressable_shards:

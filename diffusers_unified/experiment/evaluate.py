@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffusers_unified import faults, likelihood, metrics
-from diffusers_unified.experiment import devices, kinds
+from diffusers_unified.experiment import devices, inception_eval, kinds
 from diffusers_unified.experiment.devices import DeviceMap
 from diffusers_unified.experiment.figures import save_npz
 from diffusers_unified.experiment.run import Run, build_run, restore
@@ -51,6 +51,7 @@ def evaluate(config, workdir: str, checkpoint: str = "latest", on_corrupt: str =
     """Evaluates one checkpoint; returns the figures (on process 0; None on the others)."""
     wd = Workdir(workdir)
     run = build_run(config)
+    inception_eval.check_config(config, run.dataset)
     step, state = restore(run, wd, checkpoint, on_corrupt)
     primary = jax.process_index() == 0
     if primary:
@@ -61,7 +62,11 @@ def evaluate(config, workdir: str, checkpoint: str = "latest", on_corrupt: str =
     # Every process takes part in drawing the samples and computing the likelihoods
     # (one unit per device); process 0 then measures and writes.
     key = jax.random.fold_in(seed_key, SAMPLE_STREAM + 1 + step)
-    x, _, nfe = draw(run, state.ema_params, config.eval.num_samples, key, parts)
+    fid = config.eval.fid
+    x, _, nfe = draw(run, state.ema_params, config.eval.num_samples, key, parts, everywhere=fid)
+    if x is not None:
+        check_finite_samples(run, x)
+    inception = inception_eval.inception_metrics(run, x, parts, wd.eval) if fid else {}
     key = jax.random.fold_in(seed_key, LIKELIHOOD_STREAM + step)
     likelihoods = {}
     for kind in likelihood_kinds(config, run):
@@ -69,11 +74,11 @@ def evaluate(config, workdir: str, checkpoint: str = "latest", on_corrupt: str =
         likelihoods.update(out or {})
     if not primary:
         return None
-    check_finite_samples(run, x)
     result = {
         "step": step,
         "sampler": run.describe_sampler(),
         "nfe": nfe,
+        **inception,
         **sample_metrics(run, x, config.seed),
         **distribution_metrics(run, x, config.seed),
         **likelihoods,

@@ -35,6 +35,27 @@ def save_image_grid(path: str, pixels: np.ndarray, scale: int = 4) -> None:
     os.replace(tmp, path)
 
 
+def save_pngs(directory: str, pixels: np.ndarray) -> None:
+    """uint8 images (n, h, w, c) as directory/000000.png ...: for outside tools (FID, viewers).
+
+    Written into a temporary directory renamed into place, so `directory`
+    appears complete or not at all.
+    """
+    from PIL import Image
+
+    tmp = f"{directory}.tmp-{os.getpid()}"
+    os.makedirs(tmp, exist_ok=True)
+    for i, image in enumerate(pixels):
+        Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(
+            os.path.join(tmp, f"{i:06d}.png")
+        )
+    if os.path.exists(directory):
+        import shutil
+
+        shutil.rmtree(directory)
+    os.replace(tmp, directory)
+
+
 def save_scatter(
     path: str, samples: np.ndarray, reference: np.ndarray | None = None, title: str = ""
 ) -> None:

@@ -22,7 +22,7 @@ from diffusers_unified import faults
 from diffusers_unified.errors import ConfigError
 from diffusers_unified.experiment import devices
 from diffusers_unified.experiment.devices import DeviceMap
-from diffusers_unified.experiment.figures import save_npz, save_samples_figure
+from diffusers_unified.experiment.figures import save_npz, save_pngs, save_samples_figure
 from diffusers_unified.experiment.run import Run, build_run, host_copy, restore
 from diffusers_unified.experiment.workdir import Workdir
 from diffusers_unified.metrics import sliced_wasserstein
@@ -55,7 +55,9 @@ def sampler_map(run: Run) -> DeviceMap:
     return DeviceMap(run.mesh, one_shard)
 
 
-def draw(run: Run, params, n: int, key, out_dir: str | None = None, seconds=None):
+def draw(
+    run: Run, params, n: int, key, out_dir: str | None = None, seconds=None, everywhere=False
+):
     """n samples in shards of sampling.batch_size, one shard per device at a time.
 
     Returns (samples, labels or None, NFE per sample). Shard i uses
@@ -66,7 +68,7 @@ def draw(run: Run, params, n: int, key, out_dir: str | None = None, seconds=None
     call's wall time (the first includes compiling the sampler). With
     several processes, the shard files (on a file system they share) are
     how process 0 sees the others' shards: it alone returns the samples,
-    the others return (None, None, nfe).
+    the others return (None, None, nfe), unless `everywhere`.
     """
     batch = run.config.sampling.batch_size
     if out_dir is not None:
@@ -100,7 +102,7 @@ def draw(run: Run, params, n: int, key, out_dir: str | None = None, seconds=None
                 faults.after_part_written(faults.KILL_AFTER_SAMPLE_SHARDS)
             shards[i] = shard
     devices.barrier("draw")
-    if jax.process_index() != 0:
+    if jax.process_index() != 0 and not everywhere:
         return None, None, int(next(iter(shards.values()))["nfe"]) if shards else 0
     for i in range(num_shards):
         if i not in shards:  # drawn by an earlier run, or by another process
@@ -133,6 +135,10 @@ def sample(config, workdir: str, checkpoint: str = "latest", on_corrupt: str = "
     arrays = {"samples": x} if y is None else {"samples": x, "labels": y}
     path = os.path.join(out_dir, "samples.npz")
     save_npz(path, nfe=np.int64(nfe), **arrays)
+    if config.sampling.write_png:
+        if run.dataset.kind != "image":
+            raise ConfigError("sampling.write_png=True needs image data")
+        save_pngs(os.path.join(out_dir, "png"), run.dataset.scaling.to_uint8(x))
     figure = os.path.join(out_dir, "samples.png")
     reference = run.dataset.model_data("test")[0][: min(n, 4096)]
     save_samples_figure(
