@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from diffusers_unified.data.dataset import Dataset, split_indices
+from diffusers_unified.data.pixels import fill, fit_image, image_options
 from diffusers_unified.data.scaling import Scaling
 from diffusers_unified.data.validation import KINDS, describe_values, nonfinite_examples
 from diffusers_unified.errors import ConfigError, DataError
@@ -287,17 +288,32 @@ def image_folder_dataset(
     test_size=0.1,
     seed: int = 0,
     name: str | None = None,
+    crop_size: int = 0,
+    resample: str = "bicubic",
+    max_examples: int = 0,
+    workers: int | None = None,
+    progress: bool = False,
 ) -> Dataset:
-    """8-bit images from a folder, read with pillow.
+    """8-bit images of any size from a folder, read with pillow, into one uint8 NHWC array.
 
     Layout: either class subfolders (`path/<class>/**/<image>`, labels = the
     index of the class name in sorted order, as torchvision's ImageFolder) or
-    a flat folder of images (no labels). Hidden files and folders are
-    skipped. `num_channels` 1 reads grayscale ("L"), 3 reads RGB (alpha
-    dropped). `image_size` (int for square, or (H, W)): each image is
-    centre-cropped to that aspect ratio, then resized with pillow's
-    antialiased bicubic filter; None keeps the images' own size, which must
-    then be the same for all.
+    a flat folder of images (no labels), e.g. CelebA's `img_align_celeba/`.
+    Hidden files and folders are skipped. `num_channels` 1 reads grayscale
+    ("L"), 3 reads RGB (alpha dropped). `image_size` (int for square, or
+    (H, W)): each image is centre-cropped to that aspect ratio, then resized
+    with pillow's antialiased `resample` filter (`pixels.fit_image`, after the
+    score SDE code's `crop_resize`); `crop_size` > 0 first cuts the centred
+    crop_size square (the score SDE code's CelebA pipeline: 140, then resize
+    to 64). None keeps the images' own size (or the crop_size square), which
+    must then be the same for all.
+
+    `max_examples` > 0 keeps a random subset of that many files (drawn under
+    `seed`, so every class keeps its share) before `test_size` (a fraction
+    or a count) is held out at random under `seed`. The images are decoded
+    in `workers` threads straight into one preallocated array, train split
+    first, so tens of thousands of files never exist as pillow images at
+    once; the splits are views of that array.
     """
     from PIL import Image, UnidentifiedImageError
 
@@ -307,12 +323,59 @@ def image_folder_dataset(
         raise DataError(
             f"image folder {path} {what}; expected a folder of images or of class subfolders"
         )
-    if num_channels not in (1, 3):
-        raise ConfigError(f"num_channels must be 1 (grayscale) or 3 (RGB), got {num_channels}")
-    if image_size is not None:
-        size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
-        if len(size) != 2 or not all(isinstance(s, int) and s >= 1 for s in size):
-            raise ConfigError(f"image_size must be a positive int or (H, W), got {image_size!r}")
+    size, mode = image_options(image_size, num_channels, crop_size, resample)
+    if not isinstance(max_examples, int) or max_examples < 0:
+        raise ConfigError(f"max_examples must be an int >= 0 (0 = all), got {max_examples!r}")
+    files, class_names = _folder_files(path)
+    if max_examples and max_examples < len(files):
+        keep = np.random.default_rng((seed, 1)).choice(len(files), max_examples, replace=False)
+        files = [files[i] for i in np.sort(keep)]
+    train, test = split_indices(len(files), test_size, seed)
+    order = np.concatenate([train, test])
+
+    def open_image(file: Path):
+        try:
+            im = Image.open(file)
+            im.load()
+        except (OSError, UnidentifiedImageError, ValueError) as exc:
+            raise DataError(f"cannot read image {file} ({exc})") from exc
+        return im
+
+    first = files[0][0]
+    if size is None and not crop_size:
+        with open_image(first) as im:
+            own = (im.size[1], im.size[0])
+
+    def load(j: int) -> np.ndarray:
+        file = files[order[j]][0]
+        with open_image(file) as im:
+            if size is None and not crop_size and (im.size[1], im.size[0]) != own:
+                raise DataError(
+                    f"image folder {path}: {file} is {im.size[0]}x{im.size[1]} (WxH) but "
+                    f"{first} is {own[1]}x{own[0]}; give image_size to resize"
+                )
+            return fit_image(im, size, mode, crop_size=crop_size, resample=resample, where=file)
+
+    shape = size or ((crop_size, crop_size) if crop_size else own)
+    x = np.empty((len(files), *shape, num_channels), np.uint8)
+    fill(x, load, workers=workers, desc=f"reading {path.name}", progress=progress)
+    y = None if class_names is None else np.array([files[i][1] for i in order], np.int32)
+    n_train = len(train)
+    return Dataset(
+        name=name or path.name,
+        x_train=x[:n_train],
+        x_test=x[n_train:],
+        kind="image",
+        scaling=Scaling(centered=centered, bits=8),
+        y_train=None if y is None else y[:n_train],
+        y_test=None if y is None else y[n_train:],
+        num_classes=None if class_names is None else len(class_names),
+        class_names=class_names,
+    )
+
+
+def _folder_files(path: Path) -> tuple[list[tuple[Path, int]], tuple[str, ...] | None]:
+    """[(file, label)] in sorted order (label -1 without classes), and the class names."""
     extensions = _image_extensions()
     top = _list_images(path, extensions, recursive=False)
     subdirs = sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
@@ -330,66 +393,10 @@ def image_folder_dataset(
                 f"image folder {path}: class subfolder(s) {', '.join(empty)} hold no images"
             )
         class_names = tuple(per_class)
-        files = [(f, i) for i, c in enumerate(class_names) for f in per_class[c]]
-    elif top:
-        class_names = None
-        files = [(f, -1) for f in top]
-    else:
-        raise DataError(
-            f"image folder {path} holds no images (looked for files such as *.png, *.jpg, "
-            "*.bmp that pillow can read, at its top level and in class subfolders)"
-        )
-    mode = "L" if num_channels == 1 else "RGB"
-    images, first = [], None
-    for file, _ in files:
-        try:
-            with Image.open(file) as im:
-                im = im.convert(mode)
-        except (OSError, UnidentifiedImageError, ValueError) as exc:
-            raise DataError(f"cannot read image {file} ({exc})") from exc
-        if image_size is None:
-            if first is None:
-                first = (file, im.size)
-            elif im.size != first[1]:
-                raise DataError(
-                    f"image folder {path}: {file} is {im.size[0]}x{im.size[1]} (WxH) but "
-                    f"{first[0]} is {first[1][0]}x{first[1][1]}; give image_size to resize"
-                )
-        else:
-            im = _crop_resize(im, size)
-        images.append(np.asarray(im, np.uint8))
-    x = np.stack(images)
-    if num_channels == 1:
-        x = x[..., None]
-    y = None if class_names is None else np.array([c for _, c in files], np.int32)
-    train, test = split_indices(x.shape[0], test_size, seed)
-    return Dataset(
-        name=name or path.name,
-        x_train=x[train],
-        x_test=x[test],
-        kind="image",
-        scaling=Scaling(centered=centered, bits=8),
-        y_train=None if y is None else y[train],
-        y_test=None if y is None else y[test],
-        num_classes=None if class_names is None else len(class_names),
-        class_names=class_names,
+        return [(f, i) for i, c in enumerate(class_names) for f in per_class[c]], class_names
+    if top:
+        return [(f, -1) for f in top], None
+    raise DataError(
+        f"image folder {path} holds no images (looked for files such as *.png, *.jpg, "
+        "*.bmp that pillow can read, at its top level and in class subfolders)"
     )
-
-
-def _crop_resize(im, size: tuple[int, int]):
-    """Centre-crop `im` to the aspect ratio of size (H, W), then resize to it."""
-    from PIL import Image
-
-    h, w = size
-    width, height = im.size
-    if width * h > height * w:  # too wide
-        new_w = round(height * w / h)
-        left = (width - new_w) // 2
-        im = im.crop((left, 0, left + new_w, height))
-    elif width * h < height * w:  # too tall
-        new_h = round(width * h / w)
-        top = (height - new_h) // 2
-        im = im.crop((0, top, width, top + new_h))
-    if im.size != (w, h):
-        im = im.resize((w, h), Image.Resampling.BICUBIC)
-    return im
