@@ -156,6 +156,23 @@ def test_the_other_cifar_gets_a_hint_and_the_launcher_exit_code_is_4(tmp_path):
     assert info.value.exit_code == 4 and str(tmp_path / "absent") in str(info.value)
 
 
+def test_a_cifar10_config_builds_a_run_whose_data_shape_is_the_config_s(tmp_path):
+    from diffusers_unified.experiment import run
+
+    util.write_cifar(tmp_path, "cifar10", per_file=4)
+    config = config_lib.default_config()
+    d, m = config.data, config.model
+    d.dataset, d.path, d.image_size, d.num_channels = "cifar10", str(tmp_path), 32, 3
+    m.name, m.nf, m.ch_mult, m.num_res_blocks, m.attn_resolutions = "unet", 8, (1,), 1, ()
+    config_lib.check_values(config)
+    assert run.build_run(config).data_shape == (32, 32, 3)
+    d.image_size = 64
+    with pytest.raises(
+        DataError, match=r"yields images of shape \(B, 32, 32, 3\); .*image_size=64"
+    ):
+        run.build_run(config)
+
+
 # -- image folders -------------------------------------------------------------------------------
 
 

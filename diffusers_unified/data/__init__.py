@@ -1,7 +1,7 @@
 """Data: toy 2-D sets, Gaussian mixtures with exact scores, digits, `.npz`, image folders, CIFAR.
 
 Every source is embedded or a user file; nothing is downloaded. Builders
-(`vectors`, `images`, `cifar`, and `external` for TFDS and Hugging Face
+(`vectors`, `images`, `folders`, `cifar`, and `external` for TFDS and Hugging Face
 `datasets`, optional libraries imported only when used) return an
 in-memory `Dataset` (`dataset`), whose `Scaling` (`scaling`) says how
 stored values become model inputs; `Dataset.device_arrays()` puts a split
@@ -23,13 +23,9 @@ from diffusers_unified.data.batching import (
 from diffusers_unified.data.cifar import cifar_dataset
 from diffusers_unified.data.dataset import DataArrays, Dataset, split_indices
 from diffusers_unified.data.external import hf_dataset, tfds_dataset
+from diffusers_unified.data.folders import image_folder_dataset
 from diffusers_unified.data.gaussian import ExactScore, GaussianMixture, example_mixture
-from diffusers_unified.data.images import (
-    array_dataset,
-    digits_dataset,
-    image_folder_dataset,
-    npz_dataset,
-)
+from diffusers_unified.data.images import array_dataset, digits_dataset, npz_dataset
 from diffusers_unified.data.scaling import Scaling
 from diffusers_unified.data.toy import (
     TOY_NAMES,

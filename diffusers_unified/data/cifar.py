@@ -22,6 +22,7 @@ import codecs
 import dataclasses
 import pickle
 import tarfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -171,7 +172,7 @@ def _read_archive(path: Path, layout: _Layout, wanted) -> dict[str, tuple[str, o
                 if not info.isfile():
                     raise DataError(f"{where} is not a regular file; expected a pickled batch")
                 out[parts[1]] = (where, _unpickle(tar.extractfile(info), where))
-        except (tarfile.TarError, OSError, EOFError) as exc:
+        except (tarfile.TarError, OSError, EOFError, zlib.error) as exc:
             raise DataError(f"cannot read the archive {path} ({exc})") from exc
     missing = [m for m in wanted if m not in out]
     if missing:
@@ -255,7 +256,7 @@ def _class_names(item, layout: _Layout) -> tuple[str, ...]:
     key = layout.names_key
     names = meta.get(key) if isinstance(meta, dict) else None
     if not isinstance(names, list | tuple) or len(names) != layout.num_classes:
-        got = f"a {type(meta).__name__}" if not isinstance(meta, dict) else f"keys {sorted(meta)}"
+        got = f"keys {_keys(meta)}" if isinstance(meta, dict) else f"a {type(meta).__name__}"
         raise DataError(
             f"{where}: expected a dict whose {key!r} lists the {layout.num_classes} class "
             f"names, got {got}"
@@ -268,6 +269,10 @@ def _class_names(item, layout: _Layout) -> tuple[str, ...]:
     return tuple(decoded)
 
 
+def _keys(d: dict) -> str:
+    return ", ".join(sorted(repr(k) for k in d)) or "none"
+
+
 def _batch_arrays(item, layout: _Layout) -> tuple[np.ndarray, np.ndarray]:
     """(data (N, 3072) uint8, labels (N,) int32) of one batch file, checked."""
     where, batch = item
@@ -275,18 +280,17 @@ def _batch_arrays(item, layout: _Layout) -> tuple[np.ndarray, np.ndarray]:
         raise DataError(f"{where}: expected a pickled dict, got a {type(batch).__name__}")
     for key in (b"data", layout.label_key):
         if key not in batch:
-            raise DataError(f"{where}: no {key!r} entry (found {sorted(batch)})")
+            raise DataError(f"{where}: no {key!r} entry (found {_keys(batch)})")
     data = batch[b"data"]
     if not (isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 2) or (
         data.shape[1] != 3 * 32 * 32
     ):
-        got = (
-            f"{data.dtype} array of shape {data.shape}"
-            if isinstance(data, np.ndarray)
-            else (f"a {type(data).__name__}")
-        )
+        if isinstance(data, np.ndarray):
+            got = f"a {data.dtype} array of shape {data.shape}"
+        else:
+            got = f"a {type(data).__name__}"
         raise DataError(
-            f"{where}: b'data' is a {got}; expected a uint8 array of shape (N, 3072), one "
+            f"{where}: b'data' is {got}; expected a uint8 array of shape (N, 3072), one "
             "32x32 image per row as planes R, G, B, each row-major"
         )
     labels = batch[layout.label_key]
