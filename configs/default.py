@@ -48,9 +48,7 @@ def get_config():
     data.label_key = "label"  # tfds | hf: the label feature; "" = unlabelled
     data.centered = True  # images scaled to [-1, 1] if true, else [0, 1]
     data.uniform_dequantization = False  # add U(0, 1) / 2^bits noise to quantised data
-    # Flip each training image left-right with probability 1/2 (the score SDE code's
-    # random_flip; its CIFAR-10 and CelebA configs set it to True), when batches are drawn.
-    data.random_flip = False
+    data.random_flip = False  # images: mirror each training image left-right with p = 1/2
     data.validate_batches = 10  # check this many first batches (shape, range, finite); 0 = all
 
     # -- process -----------------------------------------------------------------
@@ -67,19 +65,39 @@ def get_config():
 
     # -- model -------------------------------------------------------------------
     config.model = model = ml_collections.ConfigDict()
-    model.name = "mlp"  # mlp (vector data) | unet (images)
+    model.name = "mlp"  # mlp (vector data) | unet | ncsnpp | refinenet (images)
     model.parametrization = "eps"  # what the network predicts: eps | x0 | score | v
     model.ema_rate = 0.999  # EMA of the parameters, used for sampling and evaluation
+    # Activations of the image networks in float32 | bfloat16 | float16; parameters,
+    # optimiser state, the loss and the sampler's state stay float32.
+    model.dtype = "float32"
     model.embedding = "sinusoidal"  # noise-level embedding: sinusoidal | fourier
-    model.emb_dim = 128  # width of the noise-level embedding
+    model.fourier_scale = 16.0  # embedding=fourier: scale of the Gaussian Fourier features
+    model.emb_dim = 128  # mlp: width of the noise-level embedding
     model.hidden = (256, 256, 256)  # mlp: hidden layer widths
-    model.nf = 64  # unet: base channel count
-    model.ch_mult = (1, 2)  # unet: channel multiplier per resolution
-    model.num_res_blocks = 2  # unet: residual blocks per resolution
-    model.attn_resolutions = (4,)  # unet: resolutions with self-attention
-    model.dropout = 0.1  # unet: dropout rate in residual blocks
-    model.resamp_with_conv = True  # unet: convolutions in up/downsampling
-    model.skip_rescale = False  # unet: scale skip sums by 1/sqrt(2) (DDPM++ / NCSN++)
+    model.nf = 64  # unet, ncsnpp, refinenet: base channel count (refinenet's ngf)
+    model.ch_mult = (1, 2)  # unet, ncsnpp: channel multiplier per resolution
+    model.num_res_blocks = 2  # unet, ncsnpp: residual blocks per resolution
+    model.attn_resolutions = (4,)  # unet, ncsnpp: resolutions with self-attention
+    model.dropout = 0.1  # unet, ncsnpp: dropout rate in residual blocks
+    model.resamp_with_conv = True  # unet, ncsnpp: convolutions in up/downsampling
+    model.skip_rescale = False  # unet, ncsnpp: scale skip sums by 1/sqrt(2) (DDPM++ / NCSN++)
+    # unet: self-attention on the way up once per level (the score SDE code's ddpm.py) or
+    # after every block (Ho et al.'s code and diffusers' UNet2DModel): per_level | per_block
+    model.up_attention = "per_level"
+    # NCSN++ / DDPM++ (Song et al. 2021, the score SDE code's models/ncsnpp.py):
+    model.resblock_type = "biggan"  # ncsnpp: ddpm | biggan
+    model.fir = True  # ncsnpp: FIR (anti-aliased) up/downsampling
+    model.fir_kernel = (1, 3, 3, 1)  # ncsnpp: the FIR kernel
+    model.progressive = "none"  # ncsnpp, output side: none | output_skip | residual
+    model.progressive_input = "residual"  # ncsnpp, input side: none | input_skip | residual
+    model.progressive_combine = "sum"  # ncsnpp: how input skips join a level: sum | cat
+    model.init_scale = 0.0  # ncsnpp: scale of the last conv of each block (0: 1e-10)
+    model.noise_conditional = True  # ncsnpp: embed the noise level (False: no embedding)
+    # ncsnpp, refinenet: divide the output by sigma (the score SDE code's VE score networks;
+    # the network is then conditioned on sigma itself, and predicts the score).
+    model.scale_by_sigma = False
+    model.refinenet = "ncsnv2"  # refinenet depth: ncsnv2 | ncsnv2_deeper | ncsnv2_deepest
     # Condition on labels (the dataset must have them; their number is the dataset's
     # num_classes, and label num_classes is the null label of classifier-free guidance).
     model.class_conditional = False

@@ -125,3 +125,84 @@ def digits(config):
     config.sampling.batch_size = 128  # and the snapshots' size: 1000 ancestral steps, ~2 min
     config.eval.num_samples = 256
     return config
+
+
+# -- image scale: the papers' CIFAR-10 settings ------------------------------------------------
+
+
+def cifar10(config, path: str = "data/cifar-10-batches-py"):
+    """CIFAR-10 (32x32x3, the python batches) with the score SDE code's recipe.
+
+    Batch 128, Adam at 2e-4 with 5,000 warm-up steps and clipping at 1,
+    random horizontal flips, checkpoints and snapshots every 50,000 updates
+    (its configs/default_cifar10_configs.py; DDPM uses the same optimiser).
+    Data in [0, 1] (data.centered False) as the score SDE code's default;
+    the VP configs centre them. Nothing is downloaded: data.path must hold
+    the unpacked cifar-10-python.tar.gz (or the archive itself).
+    """
+    config.data.dataset = "cifar10"
+    config.data.path = path
+    config.data.image_size = 32
+    config.data.num_channels = 3
+    config.data.centered = False
+    config.data.random_flip = True
+    config.training.batch_size = 128
+    config.training.n_iters = 1_300_000
+    config.training.n_jitted_steps = 5
+    config.training.log_freq = 50
+    config.training.checkpoint_freq = 10_000
+    config.training.snapshot_freq = 50_000
+    config.training.keep = 30
+    config.optim.optimizer = "adam"
+    config.optim.lr = 2e-4
+    config.optim.warmup = 5_000
+    config.optim.grad_clip = 1.0
+    config.model.dropout = 0.1
+    config.sampling.num_samples = 50_000
+    config.sampling.batch_size = 1_000
+    config.eval.num_samples = 50_000
+    return config
+
+
+def ddpmpp(config, deep: bool = False):
+    """DDPM++ cont. (Song et al. 2021, VP and sub-VP): the score SDE code's
+    configs/vp/cifar10_ddpmpp_continuous.py (deep: num_res_blocks 8, 950,000 updates).
+
+    Noise conditioning on 999 t with DDPM's sinusoidal embedding, BigGAN
+    residual blocks, no FIR and no progressive paths; eps prediction (its
+    score is -model / sigma), centred data, EMA 0.9999, the DSM loss averaged
+    over dimensions (training.reduce_mean = True).
+    """
+    m = config.model
+    m.name = "ncsnpp"
+    m.nf, m.ch_mult, m.attn_resolutions = 128, (1, 2, 2, 2), (16,)
+    m.num_res_blocks = 8 if deep else 4
+    m.resamp_with_conv, m.skip_rescale, m.init_scale = True, True, 0.0
+    m.fir, m.fir_kernel, m.resblock_type = False, (1, 3, 3, 1), "biggan"
+    m.progressive, m.progressive_input, m.progressive_combine = "none", "none", "sum"
+    m.embedding, m.fourier_scale, m.noise_conditional = "sinusoidal", 16.0, True
+    m.scale_by_sigma, m.parametrization, m.ema_rate = False, "eps", 0.9999
+    config.data.centered = True
+    t = config.training
+    t.loss, t.weighting, t.reduce = "dsm", "sigma2", "mean"
+    if deep:
+        config.training.n_iters = 950_000
+    return config
+
+
+def ncsnpp(config, deep: bool = False):
+    """NCSN++ cont. (Song et al. 2021, VE): the score SDE code's
+    configs/ve/cifar10_ncsnpp_continuous.py (deep: num_res_blocks 8, 950,000 updates).
+
+    Gaussian Fourier features of log sigma, FIR resampling, a residual input
+    pyramid, and the output divided by sigma (so the network predicts the
+    score and is conditioned on sigma); data in [0, 1], EMA 0.999, the DSM
+    loss as half the sum over dimensions (training.reduce_mean = False).
+    """
+    ddpmpp(config, deep)
+    m = config.model
+    m.fir, m.progressive_input = True, "residual"
+    m.embedding, m.scale_by_sigma, m.parametrization, m.ema_rate = "fourier", True, "score", 0.999
+    config.data.centered = False
+    config.training.reduce = "sum"
+    return config

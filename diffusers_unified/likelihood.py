@@ -14,8 +14,15 @@ as one ODE for the whole batch, inside jit: adaptively with diffrax (Dopri5,
 the reference code's scipy RK45 at rtol = atol = 1e-5) or with fixed steps.
 The divergence is exact (the Jacobian's trace, one forward-mode product per
 dimension: fine for small dimension) or the Hutchinson-Skilling estimate
-E_v[v^T J v] with Gaussian or Rademacher probes drawn once per solve (as in
-FFJORD and the reference code), averaged over `num_probes`.
+E_v[v^T J v] with Rademacher (default, as the reference code) or Gaussian
+probes drawn once per solve (as in FFJORD and the reference code), averaged
+over `num_probes`. Rademacher probes have the lower variance at the same
+cost: 2 sum_{i != j} M_ij^2 against Gaussian probes' 2 sum_ij M_ij^2, for
+the symmetric part M of the integrated Jacobian. This follows the score SDE
+code's `likelihood.get_likelihood_fn` (eps = 1e-5 for every SDE, RK45 at
+rtol = atol = 1e-5, Rademacher probes, one per example); the departures are
+diffrax's Dopri5 in place of scipy's RK45 (the same Dormand-Prince pair, its
+own step-size controller) inside jit, and the option of several probes.
 
 Bits per dimension: for data stored as 2^bits levels and dequantised
 uniformly, -log p / (D ln 2) of the model's inputs plus the offset
@@ -28,7 +35,9 @@ comes from the change of variables to [0, 1]-units and the bin volume
 DDPM bound (Ho et al. 2020, eq. 5): L_T + sum_{t>1} L_{t-1} + L_0, each
 term a KL between Gaussians, except the decoder L_0, which is a discretised
 Gaussian over the bins of quantised data (eq. 13) or a continuous Gaussian
-for continuous data; every term is reported, in bits/dim.
+for continuous data; every term is reported, in bits/dim. It follows the
+DDPM code's `calc_bpd_loop` (`diffusion_utils_2.py`), including its
+variances: see `ddpm_bound`.
 """
 
 from __future__ import annotations
@@ -101,24 +110,27 @@ def ode_log_likelihood(
     x: Array,
     *,
     divergence: str = "hutchinson",
-    probe: str = "gaussian",
+    probe: str = "rademacher",
     num_probes: int = 1,
     method: str = "dopri5",
     rtol: float = 1e-5,
     atol: float = 1e-5,
     num_steps: int = 1000,
-    t_min: float | None = None,
+    t_min: float = 1e-5,
     bpd_offset: float = 0.0,
     max_steps: int = 10_000,
 ) -> LikelihoodOutput:
     """log p(x) of the model `score_fn` under `process`, per example, by the probability-flow ODE.
 
-    Integrates from t_min (default process.t_min; the density is that of
-    x_{t_min}, as in the reference code) to T. `method`: "dopri5" or "tsit5"
-    (adaptive, rtol/atol) or "euler", "heun", "rk4" (num_steps uniform steps).
-    `divergence`: "exact" or "hutchinson" (`num_probes` probes of kind `probe`,
-    fixed for the solve). Jit it with the options static, e.g. through
-    `jax.jit(functools.partial(ode_log_likelihood, ...))`.
+    Integrates from `t_min` to T; the result is the density of x_{t_min}. The
+    default t_min = 1e-5 is the score SDE code's likelihood `eps`, which it
+    uses for every SDE (its samplers stop at 1e-3 on VP and sub-VP, the
+    `process.t_min` here; pass `t_min=process.t_min` for that). `method`:
+    "dopri5" or "tsit5" (adaptive, rtol/atol) or "euler", "heun", "rk4"
+    (num_steps uniform steps). `divergence`: "exact" or "hutchinson"
+    (`num_probes` probes of kind `probe`, Rademacher by default as in the
+    reference, fixed for the solve, averaged). Jit it with the options static,
+    e.g. through `jax.jit(functools.partial(ode_log_likelihood, ...))`.
     """
     if divergence not in DIVERGENCES:
         raise ValueError(f"unknown divergence {divergence!r}; valid: {', '.join(DIVERGENCES)}")
@@ -128,7 +140,9 @@ def ode_log_likelihood(
         raise ValueError(
             f"unknown ODE method {method!r}; valid: {', '.join((*FIXED_STEP, *ADAPTIVE))}"
         )
-    t0 = process.t_min if t_min is None else t_min
+    if not 0.0 <= t_min < process.T:
+        raise ValueError(f"t_min must be in [0, T = {process.T}), got t_min={t_min}")
+    t0 = t_min
     probes = None
     if divergence == "hutchinson":
         probes = _probes(key, x.shape, num_probes, probe)
@@ -216,8 +230,13 @@ def _std_normal_cdf(x):
 def discretized_gaussian_log_likelihood(x, mean, log_scale, bits: int = 8):
     """log P(bin of x) under N(mean, exp(log_scale)^2), for data on 2^bits levels in [-1, 1].
 
-    The bins have width 2 / (2^bits - 1); the first and last extend to -inf
-    and +inf (Ho et al. 2020, eq. 13).
+    The levels are the bin centres v / (2^bits - 1) * 2 - 1 (v / 127.5 - 1 for
+    8 bits), the bins have width 2 / (2^bits - 1), and the first and last
+    extend to -inf and +inf (Ho et al. 2020, eq. 13). The DDPM code's
+    `discretized_gaussian_log_likelihood` (8 bits only) tells the edge bins by
+    |x| > 0.999; here the test is half a bin from the edge, which is the same
+    for 8 bits and stays right from 11 bits on, where the level next to the
+    edge is itself beyond 0.999.
     """
     half_bin = 1.0 / (2**bits - 1)
     inv_std = jnp.exp(-log_scale)
@@ -226,7 +245,11 @@ def discretized_gaussian_log_likelihood(x, mean, log_scale, bits: int = 8):
     log_upper = jnp.log(jnp.maximum(upper, 1e-12))
     log_one_minus_lower = jnp.log(jnp.maximum(1.0 - lower, 1e-12))
     log_delta = jnp.log(jnp.maximum(upper - lower, 1e-12))
-    return jnp.where(x < -0.999, log_upper, jnp.where(x > 0.999, log_one_minus_lower, log_delta))
+    first, last = x < -1.0 + half_bin, x > 1.0 - half_bin
+    return jnp.where(first, log_upper, jnp.where(last, log_one_minus_lower, log_delta))
+
+
+DECODER_VARIANCES = ("posterior", "beta")
 
 
 def ddpm_bound(
@@ -235,39 +258,56 @@ def ddpm_bound(
     process: DDPM,
     x0: Array,
     *,
-    variance: str = "small",
+    variance: str | None = None,
     decoder: str = "gaussian",
+    decoder_variance: str = "posterior",
+    clip_x0: bool = False,
     bits: int = 8,
     bpd_offset: float = 0.0,
 ) -> DDPMBoundOutput:
     """DDPM's variational bound on -log p(x0) (Ho et al. 2020, eq. 5), per example, in bits/dim.
 
     For each level i >= 1 a fresh x_i ~ q(x_i | x0) is drawn (as the DDPM
-    code's calc_bpd_loop does) and KL(q(x_{i-1} | x_i, x0) || p(x_{i-1} | x_i))
+    code's `calc_bpd_loop` does) and KL(q(x_{i-1} | x_i, x0) || p(x_{i-1} | x_i))
     evaluated, the model's mean being the ancestral sampler's
     (x_i + beta_i score) / sqrt(1 - beta_i) and its variance beta-tilde_i
-    ("small") or beta_i ("large"); L_T = KL(q(x_{N-1} | x0) || N(0, I)); the
-    decoder L_0 = -log p(x0 | x_0-level) is a Gaussian density
-    (`decoder="gaussian"`, continuous data) or the discretised Gaussian of
-    eq. 13 (`"discretized"`, data on 2^bits levels in [-1, 1]), with
-    variance beta_0 ("large") or beta-tilde_1 ("small"; beta-tilde_0 is 0, and
-    the DDPM code clips it so). N score evaluations per example.
+    ("small") or beta_i ("large"); `variance=None` is the DDPM code's CIFAR-10
+    choice, "large" (`process.ancestral_variance`). L_T = KL(q(x_{N-1} | x0) ||
+    N(0, I)). The decoder L_0 = -log p(x0 | x at level 0) is a Gaussian
+    density (`decoder="gaussian"`, continuous data) or the discretised
+    Gaussian of eq. 13 (`"discretized"`, for data on the bin centres
+    v / (2^bits - 1) * 2 - 1 of 2^bits levels: pass those, not dequantised
+    data, whose values are up to half a bin off the centres).
+
+    The decoder's variance: `decoder_variance="posterior"` (default) is the
+    DDPM code's for both variances, the posterior variance of the next level,
+    beta-tilde_2 in Ho et al.'s numbering (its `posterior_variance[1]`: the
+    small variance of level 0 is 0, which the code clips so, and its
+    `fixedlarge` takes it too, "to get a better decoder log likelihood");
+    this is the setting behind the paper's NLL figures (3.70 and 3.75
+    bits/dim on CIFAR-10). `"beta"` is beta_1, the paper's text for the large
+    variance (sigma_1^2 = beta_1). `clip_x0` clips the predicted x_0 to
+    [-1, 1] before forming the model's mean, as `calc_bpd_loop`
+    (clip_denoised=True) does; off by default. N score evaluations per example.
     `bpd_offset` is added to the total (e.g. to express continuous data's
     density in other units); for discretised data it is 0.
     """
     if decoder not in DECODERS:
         raise ValueError(f"unknown decoder {decoder!r}; valid: {', '.join(DECODERS)}")
-    if variance not in ("small", "large"):
-        raise ValueError(f"unknown variance {variance!r}; valid: small, large")
+    if variance is not None and variance not in ("small", "large"):
+        raise ValueError(f"unknown variance {variance!r}; valid: small, large, or None")
+    if decoder_variance not in DECODER_VARIANCES:
+        raise ValueError(
+            f"unknown decoder_variance {decoder_variance!r}; valid: {', '.join(DECODER_VARIANCES)}"
+        )
+    variance = process.ancestral_variance if variance is None else variance
     betas = process.betas()
     log_alphabar = process.log_alphabar()
     alphabar = np.exp(log_alphabar)
     alphabar_prev = np.concatenate([[1.0], alphabar[:-1]])
     beta_tilde = betas * (1.0 - alphabar_prev) / (1.0 - alphabar)
-    if variance == "small":
-        model_var = np.concatenate([[beta_tilde[1]], beta_tilde[1:]])
-    else:
-        model_var = betas
+    model_var = beta_tilde.copy() if variance == "small" else betas.copy()
+    model_var[0] = beta_tilde[1] if decoder_variance == "posterior" else betas[0]
     f32 = lambda a: jnp.asarray(a, jnp.float32)
     sqrt_ab, sqrt_1mab = f32(np.sqrt(alphabar)), f32(np.sqrt(1.0 - alphabar))
     coef_x0 = f32(np.sqrt(alphabar_prev) * betas / (1.0 - alphabar))
@@ -282,6 +322,9 @@ def ddpm_bound(
 
     def model_mean(x, i):
         score = score_fn(x, times[i])
+        if clip_x0:
+            pred_x0 = jnp.clip((x + sqrt_1mab[i] ** 2 * score) / sqrt_ab[i], -1.0, 1.0)
+            return coef_x0[i] * pred_x0 + coef_xt[i] * x
         return (x + betas_f[i] * score) / jnp.sqrt(1.0 - betas_f[i])
 
     def level_term(i):

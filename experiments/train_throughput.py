@@ -64,7 +64,6 @@ def _chunk_runner(config_path: str, batch: int):
     import jax
     import numpy as np
 
-    from diffusers_unified import data
     from diffusers_unified.experiment import config as config_lib
     from diffusers_unified.experiment import train
     from diffusers_unified.experiment.run import build_run
@@ -73,18 +72,18 @@ def _chunk_runner(config_path: str, batch: int):
     config.training.batch_size = batch
     run = build_run(config)
     k = config.training.n_jitted_steps
-    arrays = run.dataset.device_arrays("train", run.replicated)
-    batcher = data.Batcher(arrays, config.seed, batch)
+    batches = train.batcher(run)
     chunk = train.make_train_chunk(run)
     scales = np.ones(k, np.float32)
     holder = {"state": jax.device_put(run.init_state(), run.replicated), "step": 0}
 
     def one_chunk() -> float:
         first = holder["step"]
-        idx = np.stack([batcher.indices(s) for s in range(first, first + k)])
+        local = batches.local(range(first, first + k))
         holder["step"] += k
-        start = time.perf_counter()
-        holder["state"], metrics = chunk(holder["state"], arrays, idx, scales)
+        start = time.perf_counter()  # the host gather happens in the loop too: not timed
+        placed = train.place_batches(run, local)
+        holder["state"], metrics = chunk(holder["state"], placed, scales)
         jax.block_until_ready(metrics)
         return time.perf_counter() - start
 

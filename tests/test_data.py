@@ -152,6 +152,59 @@ def test_batching_is_jittable_and_safe_at_large_steps():
     np.testing.assert_array_equal(got[0], perm[position % n])
 
 
+@pytest.mark.parametrize("n,batch_size", [(10, 4), (12, 6), (10, 25)])
+def test_the_host_batcher_gives_the_batch_indices_and_splits_them_by_process(n, batch_size):
+    x = np.arange(n)[:, None].astype(np.uint8)
+    y = np.arange(n) % 3
+    whole = data.Batcher(x, y, 4, batch_size)
+    for step in (0, 1, 3, 10**9 // batch_size):
+        np.testing.assert_array_equal(
+            whole.indices(step), data.batch_indices(4, step, n, batch_size)
+        )
+    steps = [2, 3]
+    full = whole.local(steps)
+    assert full["x"].shape == (2, batch_size, 1) and full["x"].dtype == np.uint8
+    np.testing.assert_array_equal(full["x"][..., 0], np.stack([whole.indices(s) for s in steps]))
+    np.testing.assert_array_equal(full["y"], full["x"][..., 0] % 3)
+    # Two processes: each gathers its own half of every batch, and the halves make the batch.
+    halves = (
+        [
+            data.Batcher(x, y, 4, batch_size, process_index=p, process_count=2).local(steps)
+            for p in range(2)
+        ]
+        if batch_size % 2 == 0
+        else None
+    )
+    if halves:
+        np.testing.assert_array_equal(np.concatenate([h["x"] for h in halves], axis=1), full["x"])
+    with pytest.raises(ConfigError, match="divisible by the process count 3"):
+        data.Batcher(x, y, 4, 4, process_index=0, process_count=3)
+
+
+def test_to_model_batch_dequantises_like_batch_and_flips_whole_images():
+    ds = data.digits_dataset(centered=True)
+    idx = np.asarray(data.batch_indices(0, 1, ds.num_train, 32))
+    stored = ds.x_train[idx]
+    key = data.dequantize_key(0, 1)
+    b = data.to_model_batch(stored, None, ds.scaling, dequantize_key=key)
+    np.testing.assert_array_equal(
+        b["x"], data.batch(ds.device_arrays(), 0, 1, 32, dequantize=True)["x"]
+    )
+    plain = np.asarray(ds.scaling.to_model(stored))
+    flipped = np.asarray(
+        data.to_model_batch(stored, None, ds.scaling, flip_key=data.flip_key(0, 1))["x"]
+    )
+    mirrored = np.all(flipped == plain[:, :, ::-1, :], axis=(1, 2, 3))
+    kept = np.all(flipped == plain, axis=(1, 2, 3))
+    # Every image is either itself or its mirror image (some digits are symmetric: both).
+    assert np.all(mirrored | kept)
+    # About half are mirrored: of 32 fair coins fewer than 6 heads (or tails) has
+    # probability 2e-4; an asymmetric digit shows which way its coin fell.
+    assert np.sum(mirrored & ~kept) >= 6 and np.sum(kept & ~mirrored) >= 6, (mirrored, kept)
+    again = data.to_model_batch(stored, None, ds.scaling, flip_key=data.flip_key(0, 1))["x"]
+    np.testing.assert_array_equal(again, flipped)  # a pure function of (seed, step)
+
+
 def test_eval_batches_cover_each_example_once_with_a_mask():
     arrays = index_arrays(10)
     batches = list(data.eval_batches(arrays, 4))

@@ -99,9 +99,10 @@ def test_the_variational_bound_property_marks_the_processes_with_levels_and_beta
 def test_every_network_builds_for_its_data_kind(name):
     m = default().model
     m.hidden, m.emb_dim, m.nf, m.ch_mult, m.attn_resolutions = (8,), 8, 8, (1, 2), (4,)
+    m.num_res_blocks = 1
     kind = kinds.NETS[name]
     shape = (2, 3) if kind.data == "vector" else (2, 8, 8, 1)
-    net = NetApply(kind.build(m, None))
+    net = NetApply(kind.build(m, None, True))
     params = net.init(jax.random.PRNGKey(0), shape)
     out = net(params, jnp.ones(shape), jnp.full((2,), 10.0))
     assert out.shape == shape

@@ -170,3 +170,41 @@ def test_bad_parameters_say_what_was_expected():
         DDPM(schedule="quadratic")
     with pytest.raises(ValueError, match="at most 10 steps"):
         NCSN().sampling_grid(11)
+
+
+# -- what a network is conditioned on ----------------------------------------------------
+
+
+def test_conditioning_kinds_follow_their_definitions():
+    """ "time": 999 t / T; "sigma": sigma(t) from each paper's formula; "index": (N - 1) t / T."""
+    t = np.linspace(0.0, 1.0, 11)
+    for process in ALL:
+        np.testing.assert_allclose(process.noise_cond(t), 999.0 * t, rtol=1e-6)
+    vp_sigma = np.sqrt(1 - np.exp(-(0.1 * t + 0.5 * t**2 * (20.0 - 0.1))))  # eq. 33
+    np.testing.assert_allclose(VPSDE(conditioning="sigma").noise_cond(t), vp_sigma, rtol=1e-5)
+    ve_sigma = 0.01 * (50.0 / 0.01) ** t  # eq. 31
+    np.testing.assert_allclose(VESDE(conditioning="sigma").noise_cond(t), ve_sigma, rtol=1e-5)
+    ncsn = NCSN(conditioning="sigma")
+    np.testing.assert_allclose(ncsn.noise_cond(ncsn.times), np.geomspace(0.01, 1.0, 10), rtol=1e-5)
+    ddpm = DDPM(conditioning="sigma")
+    alphabar = np.cumprod(1 - np.linspace(1e-4, 0.02, 1000))
+    np.testing.assert_allclose(ddpm.noise_cond(ddpm.times), np.sqrt(1 - alphabar), rtol=1e-4)
+    for process in (DDPM(conditioning="index"), NCSN(conditioning="index")):
+        levels = process.noise_cond(jnp.asarray(process.times, jnp.float32))
+        np.testing.assert_allclose(levels, np.arange(process.N), rtol=0, atol=1e-3)
+    np.testing.assert_allclose(  # N = 1000: the level index is the default "time"
+        DDPM(conditioning="index").noise_cond(t), DDPM().noise_cond(t), rtol=1e-6
+    )
+
+
+def test_conditioning_is_static_and_validated():
+    """Processes stay hashable, and jit sees two conditionings as two static values."""
+    cond = jax.jit(lambda process, t: process.noise_cond(t), static_argnums=0)
+    t = jnp.asarray([0.5])
+    assert float(cond(NCSN(N=11), t)[0]) == pytest.approx(499.5)
+    assert float(cond(NCSN(N=11, conditioning="index"), t)[0]) == pytest.approx(5.0)
+    assert hash(DDPM(conditioning="index")) != hash(DDPM())
+    with pytest.raises(ValueError, match="unknown conditioning 'level' for DDPM; valid: 'time'"):
+        DDPM(conditioning="level")
+    with pytest.raises(ValueError, match="unknown conditioning 'index' for VESDE.*'sigma'"):
+        VESDE(conditioning="index")

@@ -26,14 +26,15 @@ Langevin MCMC at a finite step size is biased, which these checks resolve at
 this N, so the samplers that run it get their bias added to the tolerances,
 measured with 200,000 samples:
 
-* annealed Langevin dynamics (NCSN paper: L = 10, T = 100, eps = 2e-5, with
-  sigma_max = 5, the data's largest pairwise distance, NCSNv2's technique 1):
-  weights off by up to 0.018 (the issue allows 0.05; we check 0.03),
-  covariances by up to 10 % (relaxation at the small sigmas is slow with
-  eps = 2e-5: the spread frozen in at sigma ~ 0.1 stays), SW about 2.75x the
-  floor (checked below 4x);
+* annealed Langevin dynamics (NCSN paper: L = 10, T = 100, eps = 4e-5, the
+  NCSN code's step_lr = 2e-5, with sigma_max = 5, the data's largest
+  pairwise distance, NCSNv2's technique 1): weights off by up to 0.015 (the
+  issue allows 0.05; we check 0.03), covariances by up to 5 % (relaxation at
+  the small sigmas is slow: the spread frozen in at sigma ~ 0.1 stays; 10 %
+  with the paper's text's eps = 2e-5), SW about 1.8x the floor (checked
+  below 4x);
 * the same algorithm on the VE SDE's finer ladder (100 of its levels): weights
-  0.002, covariances 2 %;
+  0.005, covariances 0.5 % (0.003 and 1.5 % with eps = 2e-5);
 * predictor-corrector with the Langevin corrector (snr 0.16, one step, the
   score SDE paper's VE setting): weights 0.003, covariances up to 4 %.
 
@@ -74,7 +75,7 @@ PROCESSES = {
 }
 EM = samplers.EulerMaruyama()
 SAMPLERS = {
-    "ancestral-small": (samplers.ancestral, {}),
+    "ancestral": (samplers.ancestral, {}),  # the reference's variance: VP large, VE small
     "ddim": (samplers.ddim, {"num_steps": 1000}),
     "pc-em": (samplers.predictor_corrector, {"predictor": EM, "corrector": samplers.NoCorrector()}),
     "pc-rd": (samplers.predictor_corrector, {"corrector": samplers.NoCorrector()}),
@@ -95,13 +96,13 @@ CASES = [
     if (p, s) not in SKIP
 ]
 CASES += [
-    ("NCSN-10", "annealed-langevin", samplers.annealed_langevin, {}, (0.03, 0.10, 4.0)),
+    ("NCSN-10", "annealed-langevin", samplers.annealed_langevin, {}, (0.03, 0.07, 4.0)),
     (
         "VESDE",
         "annealed-langevin",
         samplers.annealed_langevin,
         {"num_steps": 100},
-        (0.003, 0.02, 1.5),
+        (0.006, 0.02, 1.5),
     ),
 ]
 PROCESSES["NCSN-10"] = NCSN(sigma_max=5.0)

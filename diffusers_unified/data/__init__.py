@@ -18,7 +18,9 @@ from diffusers_unified.data.batching import (
     dequantize_key,
     epoch_permutation,
     eval_batches,
+    flip_key,
     gather,
+    to_model_batch,
 )
 from diffusers_unified.data.cifar import cifar_dataset
 from diffusers_unified.data.dataset import DataArrays, Dataset, split_indices
@@ -57,6 +59,7 @@ __all__ = [
     "epoch_permutation",
     "eval_batches",
     "exact_mixture",
+    "flip_key",
     "example_mixture",
     "gather",
     "hf_dataset",
@@ -66,6 +69,7 @@ __all__ = [
     "sample_toy_with_labels",
     "split_indices",
     "tfds_dataset",
+    "to_model_batch",
     "toy_dataset",
     "validate_batch",
 ]

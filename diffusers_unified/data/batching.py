@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffusers_unified.data.dataset import DataArrays
+from diffusers_unified.data.scaling import Scaling
 from diffusers_unified.errors import ConfigError
 from diffusers_unified.typing import Array
 
@@ -24,6 +25,7 @@ from diffusers_unified.typing import Array
 _ORDER_STREAM = 0x0DA7A0D5
 _DEQUANT_STREAM = 0x0DE0A7
 _EVAL_STREAM = 0x0E7A1
+_FLIP_STREAM = 0x0F11B
 
 
 def _order_key(seed) -> Array:
@@ -115,37 +117,57 @@ def batch(
 
 
 class Batcher:
-    """`batcher(step)` == `batch(arrays, seed, step, batch_size, ...)`, for a training loop.
+    """Training batches assembled on the host, each process only its own rows.
 
-    `batch` draws the permutations of the epochs a batch touches every time it
-    is called (it must, to stay a traceable function of the step), which on
-    CPU costs more than a small model's update. A Batcher computes each epoch's
-    permutation once, with the same `epoch_permutation`, keeps the last two,
-    and only gathers per step: the batches are identical (a test checks it).
+    `indices(step)` is `batch_indices(seed, step, n, B)` (a test checks it),
+    computed with each epoch's permutation drawn once (the last two are
+    kept): `batch_indices` draws the permutations of every epoch a batch
+    touches each time, which on CPU costs more than a small model's update.
+
+    The split stays on the host in its stored form (uint8 pixels for 8-bit
+    images). `local(steps)` gathers this process's share of each step's
+    global batch, rows [p B / P, (p + 1) B / P) for process p of P, stacked
+    over `steps`; the training loop places them on this process's devices
+    and turns them into model inputs there (`to_model_batch`). So no device
+    holds the data set, and no process gathers another's rows.
     """
 
-    def __init__(self, arrays: DataArrays, seed: int, batch_size: int, *, dequantize=False):
+    def __init__(
+        self,
+        x: np.ndarray,
+        y: np.ndarray | None,
+        seed: int,
+        batch_size: int,
+        *,
+        process_index: int = 0,
+        process_count: int = 1,
+    ):
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ConfigError(f"batch_size must be a positive int, got {batch_size!r}")
-        if dequantize and arrays.scaling.bits is None:
+        if batch_size % process_count:
             raise ConfigError(
-                f"dequantisation needs quantised data, but dataset {arrays.name!r} declares no bits"
+                f"batch_size={batch_size} must be divisible by the process count {process_count}"
             )
-        self.arrays, self.seed, self.batch_size = arrays, seed, batch_size
-        self.dequantize = dequantize
+        self.x, self.y, self.seed, self.batch_size = x, y, seed, batch_size
+        per = batch_size // process_count
+        self._rows = slice(process_index * per, (process_index + 1) * per)
         self._perms: dict[int, np.ndarray] = {}
+
+    @property
+    def num_examples(self) -> int:
+        return int(self.x.shape[0])
 
     def _permutation(self, epoch: int) -> np.ndarray:
         if epoch not in self._perms:
             if len(self._perms) >= 2:
                 self._perms.pop(min(self._perms))
-            n = self.arrays.num_examples
+            n = self.num_examples
             self._perms[epoch] = np.asarray(_permutation_jit(self.seed, epoch, n))
         return self._perms[epoch]
 
     def indices(self, step: int) -> np.ndarray:
         """The example indices of batch `step` (== `batch_indices(seed, step, n, B)`)."""
-        n, b = self.arrays.num_examples, self.batch_size
+        n, b = self.num_examples, self.batch_size
         positions = step * b + np.arange(b, dtype=np.int64)  # Python ints: no overflow
         epochs = positions // n
         idx = np.empty(b, np.int32)
@@ -154,13 +176,39 @@ class Batcher:
             idx[where] = self._permutation(int(epoch))[positions[where] % n]
         return idx
 
-    def __call__(self, step: int) -> dict[str, Array | None]:
-        key = dequantize_key(self.seed, step) if self.dequantize else None
-        return _gather_jit(self.arrays, self.indices(step), key)
+    def local(self, steps) -> dict[str, np.ndarray | None]:
+        """This process's rows of the batches of `steps`, stored form: (len(steps), B / P, ...)."""
+        idx = np.stack([self.indices(step)[self._rows] for step in steps])
+        y = None if self.y is None else np.asarray(self.y, np.int32)[idx]
+        return {"x": self.x[idx], "y": y}
+
+
+def flip_key(seed, step) -> Array:
+    """The key of batch `step`'s random horizontal flips."""
+    return jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(seed), _FLIP_STREAM), step)
+
+
+def to_model_batch(
+    x, y, scaling: Scaling, *, dequantize_key=None, flip_key=None
+) -> dict[str, Array | None]:
+    """A batch in stored form -> {"x": float32 model inputs, "y": labels}, on the device.
+
+    With `dequantize_key`, quantised data get uniform noise u/L (see
+    `Scaling.to_model`); with `flip_key`, each image is mirrored left-right
+    with probability 1/2 (the score SDE code's `data.random_flip`), drawn
+    for the whole batch at once, so the result does not depend on how the
+    batch is split over devices. Traceable; call it inside the jitted step.
+    """
+    x = scaling.to_model(x, dequantize_key)
+    if flip_key is not None:
+        if x.ndim != 4:
+            raise ConfigError(f"random flips need NHWC images, got data of shape {x.shape}")
+        flip = jax.random.bernoulli(flip_key, 0.5, (x.shape[0],))
+        x = jnp.where(flip[:, None, None, None], x[:, :, ::-1, :], x)
+    return {"x": x, "y": y}
 
 
 _permutation_jit = jax.jit(epoch_permutation, static_argnums=2)
-_gather_jit = jax.jit(_gather)
 
 
 @functools.partial(jax.jit, static_argnames=("batch_size",))

@@ -1,4 +1,4 @@
-"""The launcher: `diffusers-unified --config=... --workdir=... --mode=train|sample|eval`.
+"""The launcher: `diffusers-unified --config=... --workdir=... --mode=train|sample|eval|describe`.
 
 Also `python -m diffusers_unified`. Overrides use ml_collections' syntax,
 `--config.training.n_iters=100`. Exit codes (see `diffusers_unified.errors`):
@@ -21,7 +21,7 @@ from diffusers_unified.experiment import config as config_lib
 
 logger = logging.getLogger("diffusers_unified")
 
-MODES = ("train", "sample", "eval")
+MODES = ("train", "sample", "eval", "describe")
 FLAGS = flags.FLAGS
 _CONFIG = config_flags.DEFINE_config_file(
     "config",
@@ -31,7 +31,13 @@ _CONFIG = config_flags.DEFINE_config_file(
     lock_config=True,
 )
 flags.DEFINE_string("workdir", None, "Work directory: config, logs, checkpoints, outputs.")
-flags.DEFINE_enum("mode", "train", MODES, "What to do.")
+flags.DEFINE_enum(
+    "mode",
+    "train",
+    MODES,
+    "What to do; describe prints the config's parameter count, FLOPs, data shape, process "
+    "and sampler as one JSON line (no --workdir needed).",
+)
 flags.DEFINE_enum(
     "resume",
     "auto",
@@ -113,8 +119,8 @@ def resolve_config(workdir: str):
 
     if FLAGS.config is not None:
         return FLAGS.config
-    if FLAGS.mode == "train":
-        raise ConfigError("--mode=train needs --config=<file>")
+    if FLAGS.mode in ("train", "describe"):
+        raise ConfigError(f"--mode={FLAGS.mode} needs --config=<file>")
     saved = Workdir(workdir).saved_config()
     if saved is None:
         raise ConfigError(f"no --config given and no config.json in {workdir}")
@@ -144,7 +150,7 @@ def initialise_distributed(config) -> None:
 def main(argv) -> None:
     if len(argv) > 1:
         _fail(f"unexpected arguments: {' '.join(argv[1:])}", 2)
-    if not FLAGS.workdir:
+    if not FLAGS.workdir and FLAGS.mode != "describe":
         _fail("--workdir is required", 2)
     _setup_logging()
     try:
@@ -169,6 +175,11 @@ def _dispatch(config) -> None:
     # likelihood code (diffrax) nor eval's metrics, about 1 s of imports.
     from diffusers_unified.experiment.workdir import Workdir
 
+    if FLAGS.mode == "describe":
+        from diffusers_unified.experiment import describe
+
+        describe.main(config)
+        return
     if FLAGS.mode == "train":
         from diffusers_unified.experiment import train
 

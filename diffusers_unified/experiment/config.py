@@ -122,6 +122,13 @@ CHOICES = {
     "model.name": tuple(kinds.NETS),
     "model.parametrization": ("eps", "x0", "score", "v"),  # parametrization.PARAMETRIZATIONS
     "model.embedding": ("sinusoidal", "fourier"),  # nets.EMBEDDINGS
+    "model.dtype": ("float32", "bfloat16", "float16"),  # nets.layerspp.DTYPES
+    "model.resblock_type": ("ddpm", "biggan"),  # nets.ncsnpp.RESBLOCK_TYPES
+    "model.progressive": ("none", "output_skip", "residual"),  # nets.ncsnpp.PROGRESSIVE
+    "model.progressive_input": ("none", "input_skip", "residual"),
+    "model.progressive_combine": ("sum", "cat"),  # nets.ncsnpp.COMBINE
+    "model.refinenet": ("ncsnv2", "ncsnv2_deeper", "ncsnv2_deepest"),  # nets.ARCHITECTURES
+    "model.up_attention": ("per_level", "per_block"),  # nets.unet.UP_ATTENTION
     "training.loss": tuple(kinds.LOSSES),
     "training.weighting": ("sigma2", "likelihood"),  # losses.WEIGHTINGS
     "training.reduce": ("mean", "sum"),  # losses.REDUCTIONS
@@ -142,6 +149,13 @@ LIBRARY_CHOICES = {
     "process.schedule": ("processes", "DDPM.SCHEDULES"),
     "model.parametrization": ("parametrization", "PARAMETRIZATIONS"),
     "model.embedding": ("nets", "EMBEDDINGS"),
+    "model.dtype": ("nets.layerspp", "DTYPES"),
+    "model.resblock_type": ("nets.ncsnpp", "RESBLOCK_TYPES"),
+    "model.progressive": ("nets.ncsnpp", "PROGRESSIVE"),
+    "model.progressive_input": ("nets.ncsnpp", "PROGRESSIVE_INPUT"),
+    "model.progressive_combine": ("nets.ncsnpp", "COMBINE"),
+    "model.refinenet": ("nets", "ARCHITECTURES"),
+    "model.up_attention": ("nets.unet", "UP_ATTENTION"),
     "training.weighting": ("losses", "WEIGHTINGS"),
     "training.reduce": ("losses", "REDUCTIONS"),
     "optim.optimizer": ("training.optimizer", "OPTIMIZERS"),
@@ -181,6 +195,7 @@ NON_NEGATIVE_INTS = (
     "distributed.process_id",
 )
 POSITIVE_FLOATS = (
+    "model.fourier_scale",
     "process.beta_max",
     "process.sigma_min",
     "process.sigma_max",
@@ -262,6 +277,16 @@ def check_values(config, device_count: int | None = None) -> None:
             f"{values['process.name']!r}; use 'ode' (any process) or 'all'"
         )
     _check_conditioning(values)
+    net = kinds.NETS[values["model.name"]]
+    if values["model.dtype"] != "float32" and not net.mixed_precision:
+        able = sorted(name for name, kind in kinds.NETS.items() if kind.mixed_precision)
+        raise ConfigError(
+            f"model.dtype={values['model.dtype']!r} needs a network with mixed precision "
+            f"(model.name in {', '.join(able)}); model.name={values['model.name']!r} "
+            "computes in float32"
+        )
+    if values["model.init_scale"] < 0:
+        raise ConfigError(f"model.init_scale={values['model.init_scale']} must be >= 0")
     if kinds.DATASETS[values["data.dataset"]].needs_path and not values["data.path"]:
         raise ConfigError(f"data.dataset={values['data.dataset']!r} needs data.path")
     if values["data.num_channels"] not in (1, 3):

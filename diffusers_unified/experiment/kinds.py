@@ -32,6 +32,7 @@ def _lib(module: str):
 @dataclasses.dataclass(frozen=True)
 class ProcessKind:
     build: Callable  # the config's `process` section -> Process
+    settings: tuple[str, ...]  # the keys of the `process` section it reads
     variational_bound: bool = False  # DDPM's discrete ELBO (likelihood.ddpm_bound) applies
     # Variance exploding: NCSNv2's techniques choose sigma_max, N and the Langevin step
     # size from the data when those keys are AUTO (0).
@@ -40,29 +41,34 @@ class ProcessKind:
 
 PROCESSES: dict[str, ProcessKind] = {
     "vpsde": ProcessKind(
-        lambda p: _lib("processes").VPSDE(beta_min=p.beta_min, beta_max=p.beta_max, N=p.num_scales)
+        lambda p: _lib("processes").VPSDE(beta_min=p.beta_min, beta_max=p.beta_max, N=p.num_scales),
+        settings=("beta_min", "beta_max", "num_scales"),
     ),
     "subvpsde": ProcessKind(
         lambda p: _lib("processes").SubVPSDE(
             beta_min=p.beta_min, beta_max=p.beta_max, N=p.num_scales
-        )
+        ),
+        settings=("beta_min", "beta_max", "num_scales"),
     ),
     "vesde": ProcessKind(
         lambda p: _lib("processes").VESDE(
             sigma_min=p.sigma_min, sigma_max=p.sigma_max, N=p.num_scales
         ),
+        settings=("sigma_min", "sigma_max", "num_scales"),
         auto_noise_scales=True,
     ),
     "ddpm": ProcessKind(
         lambda p: _lib("processes").DDPM(
             N=p.num_scales, schedule=p.schedule, beta_start=p.beta_start, beta_end=p.beta_end
         ),
+        settings=("num_scales", "schedule", "beta_start", "beta_end"),
         variational_bound=True,
     ),
     "ncsn": ProcessKind(
         lambda p: _lib("processes").NCSN(
             sigma_min=p.sigma_min, sigma_max=p.sigma_max, N=p.num_scales
         ),
+        settings=("sigma_min", "sigma_max", "num_scales"),
         auto_noise_scales=True,
     ),
 }
@@ -73,17 +79,57 @@ PROCESSES: dict[str, ProcessKind] = {
 
 @dataclasses.dataclass(frozen=True)
 class NetKind:
-    build: Callable  # (the config's `model` section, num_classes or None) -> Flax module
+    # (the config's `model` section, num_classes or None, whether the data are centred)
+    # -> Flax module
+    build: Callable
     data: str  # the data kind it takes: "vector" or "image"
     # XLA:CPU (jaxlib 0.10) compiles the weight-gradient convolutions of an update inside
     # a `lax.scan` to naive loops (37 s against 2 s per U-Net update at batch 128), so on
     # CPU a convolutional network's updates are dispatched one compiled call each.
     convolutional: bool = False
+    mixed_precision: bool = False  # takes model.dtype (activations in bfloat16 / float16)
+
+
+def _ncsnpp(m, num_classes, centered):
+    return _lib("nets").NCSNpp(
+        nf=m.nf,
+        ch_mult=tuple(m.ch_mult),
+        num_res_blocks=m.num_res_blocks,
+        attn_resolutions=tuple(m.attn_resolutions),
+        dropout=m.dropout,
+        resamp_with_conv=m.resamp_with_conv,
+        fir=m.fir,
+        fir_kernel=tuple(m.fir_kernel),
+        resblock_type=m.resblock_type,
+        progressive=m.progressive,
+        progressive_input=m.progressive_input,
+        progressive_combine=m.progressive_combine,
+        skip_rescale=m.skip_rescale,
+        embedding_type={"sinusoidal": "positional", "fourier": "fourier"}[m.embedding],
+        fourier_scale=m.fourier_scale,
+        init_scale=m.init_scale,
+        conditional=m.noise_conditional,
+        scale_by_sigma=m.scale_by_sigma,
+        centered=centered,
+        num_classes=num_classes,
+        dtype=m.dtype,
+    )
+
+
+def _refinenet(m, num_classes, centered):
+    nets = _lib("nets")
+    return nets.RefineNet(
+        ngf=m.nf,
+        scale_by_sigma=m.scale_by_sigma,
+        centered=centered,
+        dtype=m.dtype,
+        **nets.refinenet_kwargs(m.refinenet),
+    )
 
 
 NETS: dict[str, NetKind] = {
     "mlp": NetKind(
-        lambda m, num_classes: _lib("nets").MLP(
+        lambda m, num_classes, centered: _lib("nets").MLP(
             hidden=tuple(m.hidden),
             emb_dim=m.emb_dim,
             embedding=m.embedding,
@@ -92,7 +138,7 @@ NETS: dict[str, NetKind] = {
         data="vector",
     ),
     "unet": NetKind(
-        lambda m, num_classes: _lib("nets").UNet(
+        lambda m, num_classes, centered: _lib("nets").UNet(
             ch=m.nf,
             ch_mult=tuple(m.ch_mult),
             num_res_blocks=m.num_res_blocks,
@@ -100,12 +146,19 @@ NETS: dict[str, NetKind] = {
             dropout=m.dropout,
             resamp_with_conv=m.resamp_with_conv,
             embedding=m.embedding,
+            fourier_scale=m.fourier_scale,
             skip_rescale=m.skip_rescale,
+            up_attention=m.up_attention,
             num_classes=num_classes,
+            dtype=m.dtype,
         ),
         data="image",
         convolutional=True,
+        mixed_precision=True,
     ),
+    "ncsnpp": NetKind(_ncsnpp, data="image", convolutional=True, mixed_precision=True),
+    # NCSNv2 (Song and Ermon 2020): unconditional but for the division by sigma; no labels.
+    "refinenet": NetKind(_refinenet, data="image", convolutional=True, mixed_precision=True),
 }
 
 

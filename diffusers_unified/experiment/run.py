@@ -140,10 +140,6 @@ def build_run(config) -> Run:
             shape_source=source,
         )  # fmt: skip  (raises the shape DataError)
     resolved = resolve_auto(config, ds)
-    try:
-        process = kinds.PROCESSES[resolved.process.name].build(resolved.process)
-    except ValueError as e:
-        raise ConfigError(f"process section: {e}") from e
     net_kind = kinds.NETS[config.model.name]
     if net_kind.data != ds.kind:
         fits = [name for name, kind in kinds.NETS.items() if kind.data == ds.kind]
@@ -151,16 +147,48 @@ def build_run(config) -> Run:
             f"model.name={config.model.name!r} takes {net_kind.data} data, but dataset "
             f"{ds.name!r} is {ds.kind} data (use model.name in {', '.join(fits)})"
         )
-    net = NetApply(net_kind.build(config.model, num_classes(config, ds)))
-    s = resolved.sampling
-    try:
-        sampler = kinds.SAMPLERS[s.method].build(s, s.num_steps or None)
-    except ValueError as e:
-        raise ConfigError(f"sampling section: {e}") from e
+    module = build_network(config, num_classes(config, ds), ds.scaling.centered)
+    net = NetApply(module)
+    process = build_process(resolved, module)
+    sampler = build_sampler(resolved)
     mesh = Mesh(np.asarray(jax.devices()), ("data",))
     run = Run(config, ds, process, net, net_kind, sampler, mesh)
     _check_sampler(run)
     return run
+
+
+def build_network(config, num_classes: int | None, centered: bool):
+    """The config's network module (labels: `num_classes`; inputs in [-1, 1] if `centered`)."""
+    try:
+        return kinds.NETS[config.model.name].build(config.model, num_classes, centered)
+    except ValueError as e:
+        raise ConfigError(f"model section: {e}") from e
+
+
+def build_process(resolved, module) -> Process:
+    """The (AUTO-resolved) config's process, handing `module` what it is conditioned on.
+
+    The score SDE code's VE networks are conditioned on sigma itself (they
+    embed log sigma and divide their output by sigma); every other network
+    on 999 t.
+    """
+    try:
+        process = kinds.PROCESSES[resolved.process.name].build(resolved.process)
+    except ValueError as e:
+        raise ConfigError(f"process section: {e}") from e
+    conditioning = getattr(module, "noise_cond_kind", "time")
+    if conditioning != process.conditioning:
+        process = dataclasses.replace(process, conditioning=conditioning)
+    return process
+
+
+def build_sampler(resolved):
+    """`(key, score_fn, process, shape) -> SamplerOutput` with the config's options bound."""
+    s = resolved.sampling
+    try:
+        return kinds.SAMPLERS[s.method].build(s, s.num_steps or None)
+    except ValueError as e:
+        raise ConfigError(f"sampling section: {e}") from e
 
 
 def _check_sampler(run: Run) -> None:

@@ -1,6 +1,6 @@
 """`--mode=train`: the training loop, with resumable checkpoints and loud failures.
 
-Every update s uses the batch `data.batch(seed, s)` and the key
+Every update s uses the batch `data.batch_indices(seed, s)` and the key
 fold_in(key, s), both pure functions of (seed, s), and the checkpoint holds
 the step, parameters, EMA parameters, optimiser state and key: a run killed
 at any point and restarted with the same command ends bit for bit where an
@@ -12,8 +12,9 @@ dump of the final state) are called through `diffusers_unified.faults`.
 Several processes (config section `distributed`, joined by the launcher with
 `jax.distributed.initialize`) train one data-parallel model: the mesh spans
 every process's devices, every process computes the same (seed, step) batch
-indices, each device gathers its slice of the global batch, and the state is
-replicated. Process 0 alone owns the work directory (config, log, metrics,
+indices, each process gathers its own rows of the global batch on the host
+(the data set never goes to a device) and places them on its devices, and
+the state is replicated. Process 0 alone owns the work directory (config, log, metrics,
 checkpoints, snapshots); the others learn from it, through a collective,
 whether a read or write that only it performs succeeded, and the state it
 resumed from, so every process stops together with the same exit code.
@@ -30,9 +31,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from diffusers_unified import data, errors, faults
-from diffusers_unified.errors import CheckpointError, NonFiniteError, Preempted
+from diffusers_unified.errors import CheckpointError, ConfigError, NonFiniteError, Preempted
 from diffusers_unified.experiment import config as config_lib
 from diffusers_unified.experiment.run import Run, build_run, host_copy
 from diffusers_unified.experiment.sample import snapshot
@@ -146,26 +149,29 @@ def _check_disk(wd: Workdir, state, keep: int, strict: bool) -> None:
 
 
 def make_train_chunk(run: Run, traces: list[int] | None = None):
-    """`chunk(state, arrays, indices, loss_scales) -> (state, metrics)`: len(indices) updates.
+    """`chunk(state, batches, loss_scales) -> (state, metrics)`: len(loss_scales) updates.
 
-    Update i gathers the examples indices[i] of `arrays` (dequantised with the
-    batch's key if the config asks), constrains the batch to the data sharding
-    and applies the train step with loss scale loss_scales[i]. The state is
-    donated and comes back replicated; metrics come back stacked, one entry
-    per update. `traces[0]` counts compilations. This is what training runs,
-    and what experiments/train_throughput.py times.
+    `batches` holds the chunk's batches in stored form, {"x": (k, B, ...),
+    "y": (k, B) or None}, sharded over the mesh along the batch axis (see
+    `place_batches`). Update i turns batch i into model inputs on the
+    devices (dequantised and randomly flipped with keys of (seed, step) when
+    the config asks), constrains it to the data sharding and applies the
+    train step with loss scale loss_scales[i]. The state is donated and
+    comes back replicated; metrics come back stacked, one entry per update.
+    `traces[0]` counts compilations. This is what training runs, and what
+    experiments/train_throughput.py times.
 
     The updates run as one compiled `lax.scan`, so a chunk costs one dispatch
     (and XLA:CPU runs the loop body's operations one after another, which
     keeps the MLP step at ~0.7 of the matmul peak against ~0.5 for a single
-    jitted step), except for the U-Net on CPU: XLA:CPU (jaxlib 0.10) compiles
-    the weight-gradient convolutions inside a while loop to naive loops
-    instead of Eigen calls, 37 s against 2 s per update at batch 128. There
-    the chunk dispatches len(indices) calls of one compiled update instead.
+    jitted step), except for convolutional networks on CPU (see
+    `kinds.NetKind.convolutional`): there the chunk dispatches one compiled
+    update per batch.
     """
     config = run.config
-    dequantize = config.data.uniform_dequantization
+    dequantize, flip = config.data.uniform_dequantization, config.data.random_flip
     conditional = config.model.class_conditional
+    scaling = run.dataset.scaling
     step_fn = make_train_step(
         run.loss_fn,
         run.optimizer,
@@ -175,10 +181,14 @@ def make_train_chunk(run: Run, traces: list[int] | None = None):
     traces = [0] if traces is None else traces
     shardings = (run.replicated, run.replicated)
 
-    def update(state, arrays, idx, loss_scale):
-        key = data.dequantize_key(config.seed, state.step) if dequantize else None
-        batch = data.gather(arrays, idx, key)
-        batch = {"x": batch["x"], "y": batch["y"] if conditional else None}
+    def update(state, stored, loss_scale):
+        batch = data.to_model_batch(
+            stored["x"],
+            stored["y"] if conditional else None,
+            scaling,
+            dequantize_key=data.dequantize_key(config.seed, state.step) if dequantize else None,
+            flip_key=data.flip_key(config.seed, state.step) if flip else None,
+        )
         batch = jax.lax.with_sharding_constraint(batch, run.batch_sharding)
         return step_fn(state, batch, loss_scale)
 
@@ -190,21 +200,58 @@ def make_train_chunk(run: Run, traces: list[int] | None = None):
 
         one = jax.jit(counted, out_shardings=shardings, donate_argnums=0)
 
-        def dispatched(state, arrays, indices, loss_scales):
+        def dispatched(state, batches, loss_scales):
             metrics = []
-            for idx, loss_scale in zip(indices, loss_scales, strict=True):
-                state, m = one(state, arrays, idx, loss_scale)
+            for i, loss_scale in enumerate(loss_scales):
+                batch = {k: None if v is None else v[i] for k, v in batches.items()}
+                state, m = one(state, batch, loss_scale)
                 metrics.append(m)
             return state, jax.tree.map(lambda *ms: jnp.stack(ms), *metrics)
 
         return dispatched
 
-    def chunk(state, arrays, indices, loss_scales):
+    def chunk(state, batches, loss_scales):
         traces[0] += 1  # runs only while tracing: counts compilations
-        body = lambda state, inputs: update(state, arrays, *inputs)
-        return jax.lax.scan(body, state, (indices, loss_scales))
+        body = lambda state, inputs: update(state, *inputs)
+        return jax.lax.scan(body, state, (batches, loss_scales))
 
     return jax.jit(chunk, out_shardings=shardings, donate_argnums=0)
+
+
+def batcher(run: Run) -> data.Batcher:
+    """This process's assembler of training batches (host side; see `data.Batcher`)."""
+    x, y = run.dataset.split("train")
+    config = run.config
+    if config.data.uniform_dequantization and run.dataset.bits is None:
+        raise ConfigError(
+            "data.uniform_dequantization=True needs quantised data (integer levels), but "
+            f"dataset {run.dataset.name!r} declares no bit depth"
+        )
+    if config.data.random_flip and run.dataset.kind != "image":
+        raise ConfigError(
+            f"data.random_flip=True needs images; dataset {run.dataset.name!r} is not"
+        )
+    return data.Batcher(
+        x,
+        y if config.model.class_conditional else None,
+        config.seed,
+        config.training.batch_size,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
+
+
+def place_batches(run: Run, local: dict) -> dict:
+    """This process's rows of a chunk's batches -> global arrays sharded along the batch axis.
+
+    Each process hands over only its own rows (`Batcher.local`); they land on
+    its own devices.
+    """
+    sharding = NamedSharding(run.mesh, P(None, "data"))
+    return {
+        k: None if v is None else jax.make_array_from_process_local_data(sharding, v)
+        for k, v in local.items()
+    }
 
 
 def _loop(
@@ -213,9 +260,7 @@ def _loop(
     """Runs updates in compiled chunks of training.n_jitted_steps (one `lax.scan` each)."""
     config, t = run.config, run.config.training
     k = t.n_jitted_steps
-    arrays = run.dataset.device_arrays("train", run.replicated)
-    dequantize = config.data.uniform_dequantization
-    batcher = data.Batcher(arrays, config.seed, t.batch_size, dequantize=dequantize)
+    batches = batcher(run)
     expected, source = run.expected_data_shape()
     nan_steps = faults.nan_steps()
     conditional = config.model.class_conditional
@@ -232,10 +277,14 @@ def _loop(
         while int(state.step) < t.n_iters:
             first = int(state.step)
             steps = range(first, first + k)
-            for step in steps:
+            local = batches.local(steps)
+            for i, step in enumerate(steps):
                 if validate_all or validate == 0 or updates + step - first < validate:
                     data.validate_batch(
-                        batcher(step),
+                        {
+                            "x": np.asarray(run.dataset.scaling.to_model(local["x"][i])),
+                            "y": None if local["y"] is None else local["y"][i],
+                        },
                         expected,
                         run.dataset.centered if run.dataset.kind == "image" else None,
                         batch_index=step,
@@ -244,11 +293,10 @@ def _loop(
                         num_classes=run.dataset.num_classes if conditional else None,
                         num_classes_flag="model.class_conditional",
                     )
-            indices = np.stack([batcher.indices(step) for step in steps])
             scales = np.array([np.nan if s + 1 in nan_steps else 1.0 for s in steps], np.float32)
             # A host copy: the chunk donates (and so deletes) the state's device buffers.
             previous = jax.device_get(state) if debug_nans else None
-            state, metrics = train_chunk(state, arrays, indices, scales)
+            state, metrics = train_chunk(state, place_batches(run, local), scales)
             metrics = {name: np.asarray(v) for name, v in jax.device_get(metrics).items()}
             _check_finite(run, state, metrics, first, last_saved, previous, debug_nans)
             skipped = metrics["skipped"].astype(bool)  # skip_nonfinite: not applied
@@ -431,22 +479,25 @@ def _check_finite(run, state, metrics, first, last_saved, previous, debug_nans):
 
 def _debug_nans(run: Run, state: TrainState, bad_step: int) -> str:
     """Replays the chunk up to the failing update op by op, under jax_debug_nans."""
-    config = run.config
+    config, d = run.config, run.config.data
     step_fn = make_train_step(run.loss_fn, run.optimizer, config.model.ema_rate)
-    arrays = run.dataset.device_arrays("train")
-    batcher = data.Batcher(
-        arrays,
-        config.seed,
-        config.training.batch_size,
-        dequantize=config.data.uniform_dequantization,
-    )
+    x, y = run.dataset.split("train")
+    y = y if config.model.class_conditional else None
+    whole = data.Batcher(x, y, config.seed, config.training.batch_size)  # every row, here
     nan_steps = faults.nan_steps()
     state = jax.device_get(state)
     try:
         for step in range(int(state.step), bad_step):
-            batch = batcher(step)
-            if not config.model.class_conditional:
-                batch = {"x": batch["x"], "y": None}
+            stored = whole.local([step])
+            batch = data.to_model_batch(
+                stored["x"][0],
+                None if y is None else stored["y"][0],
+                run.dataset.scaling,
+                dequantize_key=data.dequantize_key(config.seed, step)
+                if d.uniform_dequantization
+                else None,
+                flip_key=data.flip_key(config.seed, step) if d.random_flip else None,
+            )
             scale = jnp.float32(np.nan if step + 1 in nan_steps else 1.0)
             with jax.debug_nans(step + 1 == bad_step), jax.disable_jit(step + 1 == bad_step):
                 state, _ = step_fn(state, batch, scale)

@@ -1,18 +1,25 @@
 """The DDPM U-Net for NHWC images (Ho et al. 2020), with the DDPM++/NCSN++ options of Song et al.
 
-A transcription of the architecture of the DDPM code and of `models/ddpm.py`
-of the score SDE reference code: a wide ResNet U-Net with GroupNorm, residual
-blocks conditioned on the noise level, self-attention at chosen resolutions,
-and skip connections from every block of the downsampling path to the
-upsampling path. Two options come from DDPM++/NCSN++ (`models/ncsnpp.py`):
-Gaussian Fourier features of the noise level and rescaling of residual sums
-by 1/sqrt(2). Labels, if any, are embedded and added to the noise embedding.
+A transcription of the architecture of the DDPM code (`diffusion_tf/models/
+unet.py`) and of `models/ddpm.py` of the score SDE reference code: a wide
+ResNet U-Net with GroupNorm, residual blocks conditioned on the noise level,
+self-attention at chosen resolutions, and skip connections from every block
+of the downsampling path to the upsampling path. Two options come from
+DDPM++/NCSN++ (`models/ncsnpp.py`): Gaussian Fourier features of the noise
+level and rescaling of residual sums by 1/sqrt(2). Labels, if any, are
+embedded and added to the noise embedding.
+
+With `up_attention="per_block"` the module is also diffusers' `UNet2DModel`
+built from `DownBlock2D` / `AttnDownBlock2D` / `UpBlock2D` / `AttnUpBlock2D`
+as its DDPM checkpoints (`google/ddpm-cifar10-32`, ...) configure it;
+`convert.diffusers` maps such a checkpoint onto it.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -20,6 +27,10 @@ import jax.numpy as jnp
 
 from diffusers_unified.nets.embeddings import NoiseEmbedding, check_noise_cond, ddpm_init, get_act
 from diffusers_unified.typing import Array
+
+# Where the upsampling path applies self-attention (see `UNet`), and the activation dtypes.
+UP_ATTENTION = ("per_level", "per_block")
+DTYPES = ("float32", "bfloat16", "float16")
 
 
 def _groups(channels: int, num_groups: int) -> int:
@@ -36,24 +47,27 @@ def _groups(channels: int, num_groups: int) -> int:
     return max(g for g in range(1, most + 1) if channels % g == 0)
 
 
-def group_norm(channels: int, num_groups: int) -> nn.GroupNorm:
-    return nn.GroupNorm(num_groups=_groups(channels, num_groups), epsilon=1e-6)
+def group_norm(channels: int, num_groups: int, eps: float = 1e-6, dtype=None) -> nn.GroupNorm:
+    # Flax computes the statistics in float32 whatever `dtype` is.
+    return nn.GroupNorm(num_groups=_groups(channels, num_groups), epsilon=eps, dtype=dtype)
 
 
-def conv3x3(features: int, init_scale: float = 1.0, stride: int = 1) -> nn.Conv:
-    # SAME padding with stride 2 on an even size pads (0, 1), like DDPM's downsampling conv.
+def conv3x3(features: int, init_scale: float = 1.0, stride: int = 1, dtype=None) -> nn.Conv:
+    # SAME padding with stride 2 on an even size pads (0, 1): DDPM's downsampling conv, and
+    # diffusers' Downsample2D with padding=0, which pads (0, 1, 0, 1) before a VALID conv.
     return nn.Conv(
         features,
         (3, 3),
         strides=(stride, stride),
         padding="SAME",
         kernel_init=ddpm_init(init_scale),
+        dtype=dtype,
     )
 
 
-def nin(features: int, init_scale: float = 1.0) -> nn.Dense:
+def nin(features: int, init_scale: float = 1.0, dtype=None) -> nn.Dense:
     """DDPM's "network in network": a 1x1 convolution, i.e. a Dense layer over channels."""
-    return nn.Dense(features, kernel_init=ddpm_init(init_scale))
+    return nn.Dense(features, kernel_init=ddpm_init(init_scale), dtype=dtype)
 
 
 def dropout(h: Array, rate: float, key: Array) -> Array:
@@ -89,18 +103,22 @@ class ResnetBlock(nn.Module):
     num_groups: int
     dropout: float
     skip_rescale: bool
+    eps: float = 1e-6
+    dtype: Any = None
 
     @nn.compact
     def __call__(self, x: Array, temb: Array, train: bool) -> Array:
-        h = self.act(group_norm(x.shape[-1], self.num_groups)(x))
-        h = conv3x3(self.out_ch)(h)
-        h = h + _per_example(nn.Dense(self.out_ch, kernel_init=ddpm_init())(self.act(temb)))
-        h = self.act(group_norm(self.out_ch, self.num_groups)(h))
+        norm = lambda c: group_norm(c, self.num_groups, self.eps, self.dtype)
+        h = self.act(norm(x.shape[-1])(x))
+        h = conv3x3(self.out_ch, dtype=self.dtype)(h)
+        temb = nn.Dense(self.out_ch, kernel_init=ddpm_init(), dtype=self.dtype)(self.act(temb))
+        h = h + _per_example(temb)
+        h = self.act(norm(self.out_ch)(h))
         if train and self.dropout > 0.0:
             h = dropout(h, self.dropout, self.make_rng("dropout"))
-        h = conv3x3(self.out_ch, init_scale=0.0)(h)
+        h = conv3x3(self.out_ch, init_scale=0.0, dtype=self.dtype)(h)
         if x.shape[-1] != self.out_ch:
-            x = nin(self.out_ch)(x)
+            x = nin(self.out_ch, dtype=self.dtype)(x)
         return (x + h) / math.sqrt(2.0) if self.skip_rescale else x + h
 
 
@@ -109,18 +127,27 @@ class AttnBlock(nn.Module):
 
     q, k, v = 1x1 convs of norm(x),   w = softmax_j(q_i . k_j / sqrt(C)),
     out = x + nin_0(sum_j w_ij v_j)   (divided by sqrt(2) with skip_rescale).
+
+    This is also diffusers' `Attention` with one head (`attention_head_dim`
+    None), `residual_connection` and `rescale_output_factor` 1. The logits
+    and the softmax are computed in float32 whatever `dtype` is, as diffusers
+    does with `upcast_softmax`.
     """
 
     num_groups: int
     skip_rescale: bool
+    eps: float = 1e-6
+    dtype: Any = None
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
         b, height, width, c = x.shape
-        h = group_norm(c, self.num_groups)(x).reshape(b, height * width, c)
-        q, k, v = nin(c)(h), nin(c)(h), nin(c)(h)
-        w = jax.nn.softmax(jnp.einsum("bic,bjc->bij", q, k) * c**-0.5, axis=-1)
-        h = nin(c, init_scale=0.0)(jnp.einsum("bij,bjc->bic", w, v)).reshape(x.shape)
+        h = group_norm(c, self.num_groups, self.eps, self.dtype)(x).reshape(b, height * width, c)
+        q, k, v = (nin(c, dtype=self.dtype)(h) for _ in range(3))
+        logits = jnp.einsum("bic,bjc->bij", q, k, preferred_element_type=jnp.float32)
+        w = jax.nn.softmax(logits * c**-0.5, axis=-1).astype(v.dtype)
+        h = nin(c, init_scale=0.0, dtype=self.dtype)(jnp.einsum("bij,bjc->bic", w, v))
+        h = h.reshape(x.shape)
         return (x + h) / math.sqrt(2.0) if self.skip_rescale else x + h
 
 
@@ -128,11 +155,12 @@ class Downsample(nn.Module):
     """Halves H and W: a stride-2 3x3 convolution, or 2x2 average pooling."""
 
     with_conv: bool
+    dtype: Any = None
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
         if self.with_conv:
-            return conv3x3(x.shape[-1], stride=2)(x)
+            return conv3x3(x.shape[-1], stride=2, dtype=self.dtype)(x)
         return nn.avg_pool(x, (2, 2), strides=(2, 2))
 
 
@@ -140,11 +168,12 @@ class Upsample(nn.Module):
     """Doubles H and W: nearest-neighbour upsampling, then a 3x3 convolution if with_conv."""
 
     with_conv: bool
+    dtype: Any = None
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
         x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
-        return conv3x3(x.shape[-1])(x) if self.with_conv else x
+        return conv3x3(x.shape[-1], dtype=self.dtype)(x) if self.with_conv else x
 
 
 class UNet(nn.Module):
@@ -164,6 +193,13 @@ class UNet(nn.Module):
     self-attention once per level, after the level's blocks, where DDPM's
     own code (35.7M) applies it after every block. Options:
 
+    - `up_attention`: "per_level" (the score SDE code's `ddpm.py`, the
+      default) or "per_block": after every residual block of the upsampling
+      path at a resolution in `attn_resolutions`, as Ho et al.'s
+      `diffusion_tf/models/unet.py` and diffusers' `AttnUpBlock2D` do. DDPM's
+      CIFAR-10 model is the defaults with "per_block" (35,746,307 parameters,
+      diffusers' `google/ddpm-cifar10-32`).
+
     - `embedding`: "sinusoidal" (DDPM) or "fourier" (NCSN++'s Gaussian Fourier
       features, at `fourier_scale`; see `GaussianFourierProjection`) for the
       noise level, then DDPM's two-layer MLP to a 4 ch vector temb.
@@ -175,6 +211,16 @@ class UNet(nn.Module):
     - `num_classes`: a learned label embedding (num_classes + 1 rows) is
       added to temb; row `num_classes` is the null label of classifier-free
       guidance, used when y is None.
+    - `norm_eps`: the GroupNorm epsilon: 1e-6 as in the DDPM code and
+      diffusers' DDPM checkpoints (diffusers' own default is 1e-5).
+    - `dtype`: "float32", "bfloat16" or "float16", the dtype of the
+      activations (mixed precision). Parameters stay float32, and so do the
+      noise embedding MLP, the GroupNorm statistics and the attention
+      softmax; the output is cast to float32.
+
+    What diffusers' `UNet2DModel` calls `Timesteps(flip_sin_to_cos=False,
+    downscale_freq_shift=1)` is this module's "sinusoidal" embedding, and its
+    ResnetBlock2D with `resnet_time_scale_shift="default"` is `ResnetBlock`.
 
     Dropout (after the second normalisation of each residual block) is
     active only when `train` is true, and then needs `rngs={'dropout': key}`.
@@ -194,6 +240,9 @@ class UNet(nn.Module):
     num_groups: int = 32
     num_classes: int | None = None
     act: str = "silu"
+    up_attention: str = "per_level"
+    norm_eps: float = 1e-6
+    dtype: str = "float32"
 
     @nn.compact
     def __call__(
@@ -201,6 +250,7 @@ class UNet(nn.Module):
     ) -> Array:
         self._check_inputs(x, noise_cond, y)
         act = get_act(self.act)
+        dtype = jnp.dtype(self.dtype)
         temb = NoiseEmbedding(self.ch, self.embedding, self.act, self.fourier_scale)(noise_cond)
         if self.num_classes is not None:
             labels = jnp.asarray(self.num_classes) if y is None else y
@@ -210,13 +260,15 @@ class UNet(nn.Module):
             temb = temb + embed(labels)
 
         def res_block(out_ch: int) -> ResnetBlock:
-            return ResnetBlock(out_ch, act, self.num_groups, self.dropout, self.skip_rescale)
+            return ResnetBlock(
+                out_ch, act, self.num_groups, self.dropout, self.skip_rescale, self.norm_eps, dtype
+            )
 
         def attn_block() -> AttnBlock:
-            return AttnBlock(self.num_groups, self.skip_rescale)
+            return AttnBlock(self.num_groups, self.skip_rescale, self.norm_eps, dtype)
 
         # Downsampling path; every activation is kept for a skip connection.
-        hs = [conv3x3(self.ch)(x)]
+        hs = [conv3x3(self.ch, dtype=dtype)(x)]
         for level, mult in enumerate(self.ch_mult):
             for _ in range(self.num_res_blocks):
                 h = res_block(self.ch * mult)(hs[-1], temb, train)
@@ -224,7 +276,7 @@ class UNet(nn.Module):
                     h = attn_block()(h)
                 hs.append(h)
             if level != len(self.ch_mult) - 1:
-                hs.append(Downsample(self.resamp_with_conv)(hs[-1]))
+                hs.append(Downsample(self.resamp_with_conv, dtype)(hs[-1]))
 
         h = hs[-1]
         h = res_block(h.shape[-1])(h, temb, train)
@@ -233,16 +285,19 @@ class UNet(nn.Module):
 
         # Upsampling path: one more block per level than on the way down, so
         # that each consumes one skip (the extra one is the level's input).
+        per_block = self.up_attention == "per_block"
         for level, mult in reversed(list(enumerate(self.ch_mult))):
             for _ in range(self.num_res_blocks + 1):
                 h = res_block(self.ch * mult)(jnp.concatenate([h, hs.pop()], axis=-1), temb, train)
-            if h.shape[1] in self.attn_resolutions:
+                if per_block and h.shape[1] in self.attn_resolutions:
+                    h = attn_block()(h)
+            if not per_block and h.shape[1] in self.attn_resolutions:
                 h = attn_block()(h)
             if level != 0:
-                h = Upsample(self.resamp_with_conv)(h)
+                h = Upsample(self.resamp_with_conv, dtype)(h)
 
-        h = act(group_norm(h.shape[-1], self.num_groups)(h))
-        return conv3x3(x.shape[-1], init_scale=0.0)(h)
+        h = act(group_norm(h.shape[-1], self.num_groups, self.norm_eps, dtype)(h))
+        return conv3x3(x.shape[-1], init_scale=0.0, dtype=dtype)(h).astype(jnp.float32)
 
     def _check_inputs(self, x: Array, noise_cond: Array, y: Array | None) -> None:
         if x.ndim != 4:
@@ -258,3 +313,11 @@ class UNet(nn.Module):
             raise ValueError("labels y were given to a UNet with num_classes=None")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.up_attention not in UP_ATTENTION:
+            raise ValueError(
+                f"unknown up_attention {self.up_attention!r}; valid: {', '.join(UP_ATTENTION)}"
+            )
+        if self.dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {self.dtype!r}; valid: {', '.join(DTYPES)}")
+        if not self.norm_eps > 0.0:
+            raise ValueError(f"norm_eps must be positive, got {self.norm_eps}")

@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -28,12 +29,20 @@ import numpy as np
 
 from diffusers_unified.typing import Array, PRNGKey, ScoreFn
 
-# Networks are conditioned on NOISE_COND_SCALE * t: DDPM's step index when
-# N = 1000, and the score SDE code's convention for VP networks. Using it for
-# every process keeps networks interchangeable between formulations; for VE
-# processes it is an affine function of log sigma, the quantity NCSN++
-# embeds.
+# By default networks are conditioned on NOISE_COND_SCALE * t: DDPM's step
+# index when N = 1000, and the score SDE code's convention for VP networks.
+# Using it for every process keeps networks interchangeable between
+# formulations; for VE processes it is an affine function of log sigma, the
+# quantity NCSN++ embeds. `Process.conditioning` selects the others.
 NOISE_COND_SCALE = 999.0
+
+# What `Process.noise_cond(t)` returns, by `conditioning`:
+CONDITIONING_MEANINGS = {
+    "time": "999 t / T (the default)",
+    "sigma": "sigma(t), what the score SDE code's VE networks take (NCSN++ embeds its log)",
+    "index": "(N - 1) t / T, the level index that DDPM's and diffusers' networks take "
+    "(discrete processes only; equal to 'time' when N = 1000)",
+}
 
 
 def process_dataclass(cls):
@@ -64,12 +73,19 @@ class Process:
 
     Subclasses set `N` (the default number of discretization levels), `t_min`
     (where samplers stop) and `prior_std`, and implement `alpha_sigma` and
-    `coefficients`.
+    `coefficients`. Each also has a static field `conditioning` (see
+    `noise_cond`) and a class attribute `ancestral_variance`: the reverse
+    variance, "small" or "large", of the reference code's ancestral sampler
+    for that process (see `samplers.Ancestral`).
     """
 
     T: float = 1.0
     N: int
     t_min: float
+    conditioning: str  # a dataclass field of every subclass, "time" by default
+    ancestral_variance: ClassVar[str] = "small"
+    # The `conditioning` values this kind of process accepts.
+    CONDITIONINGS: ClassVar[tuple[str, ...]] = ("time", "sigma")
 
     # -- what a subclass defines -------------------------------------------
     def alpha_sigma(self, t: Array) -> tuple[Array, Array]:
@@ -120,8 +136,25 @@ class Process:
         return transition(*self._previous_alpha_sigma(t, dt), *self.alpha_sigma(t))
 
     def noise_cond(self, t: Array) -> Array:
-        """What a network is conditioned on at time t (see NOISE_COND_SCALE)."""
-        return NOISE_COND_SCALE * jnp.asarray(t) / self.T
+        """What a network is conditioned on at time t, by `self.conditioning`.
+
+        "time": 999 t / T (NOISE_COND_SCALE; the default); "sigma": sigma(t);
+        "index": (N - 1) t / T, the fractional level index (discrete processes).
+        """
+        t = jnp.asarray(t)
+        if self.conditioning == "sigma":
+            return self.alpha_sigma(t)[1]
+        if self.conditioning == "index":
+            return (self.N - 1) * t / self.T
+        return NOISE_COND_SCALE * t / self.T
+
+    def _check_conditioning(self) -> None:
+        if self.conditioning not in self.CONDITIONINGS:
+            valid = "; ".join(f"{k!r}: {CONDITIONING_MEANINGS[k]}" for k in self.CONDITIONINGS)
+            raise ValueError(
+                f"unknown conditioning {self.conditioning!r} for {type(self).__name__}; "
+                f"valid: {valid}"
+            )
 
     def sampling_grid(self, num_steps: int | None = None) -> np.ndarray:
         """`num_steps` times, descending from T to t_min, where samplers evaluate the score."""
@@ -150,6 +183,7 @@ class DiscreteProcess(Process):
     """
 
     t_min: float = 0.0
+    CONDITIONINGS = ("time", "sigma", "index")
 
     def levels(self) -> tuple[np.ndarray, np.ndarray]:
         raise NotImplementedError

@@ -51,9 +51,13 @@ class VESDE(_Geometric, Process):
     sigma_max: float = 50.0
     N: int = 1000
     t_min: float = 1e-5
+    conditioning: str = "time"
+    # The score SDE code's VE ancestral predictor adds the posterior variance.
+    ancestral_variance = "small"
 
     def __post_init__(self):
         self._check_sigmas()
+        self._check_conditioning()
 
 
 @process_dataclass
@@ -73,9 +77,12 @@ class NCSN(_Geometric, DiscreteProcess):
     sigma_min: float = 0.01
     sigma_max: float = 1.0
     N: int = 10
+    conditioning: str = "time"
+    ancestral_variance = "small"  # as the VE SDE's
 
     def __post_init__(self):
         self._check_sigmas()
+        self._check_conditioning()
         if self.N < 2:
             raise ValueError(f"NCSN needs N >= 2 noise levels, got N={self.N}")
 

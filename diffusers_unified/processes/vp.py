@@ -45,9 +45,12 @@ class VPSDE(_LinearBeta, Process):
     beta_max: float = 20.0
     N: int = 1000
     t_min: float = 1e-3
+    conditioning: str = "time"
+    ancestral_variance = "large"  # the score SDE code's VP ancestral predictor: sqrt(beta) noise
 
     def __post_init__(self):
         self._check_betas()
+        self._check_conditioning()
 
     @property
     def prior_std(self) -> float:
@@ -76,9 +79,13 @@ class SubVPSDE(_LinearBeta, Process):
     beta_max: float = 20.0
     N: int = 1000
     t_min: float = 1e-3
+    conditioning: str = "time"
+    # The score SDE code has no sub-VP ancestral predictor; this is its VP one's.
+    ancestral_variance = "large"
 
     def __post_init__(self):
         self._check_betas()
+        self._check_conditioning()
 
     @property
     def prior_std(self) -> float:
@@ -106,7 +113,8 @@ class DDPM(DiscreteProcess):
     or "cosine" (Nichol and Dhariwal 2021). Between levels log alphabar is
     interpolated by a monotone cubic: a VP-type SDE whose beta(t) is
     continuous. The reverse variance (fixed-small or fixed-large) is an option
-    of the ancestral sampler.
+    of the ancestral sampler; its default is the DDPM code's CIFAR-10 choice,
+    fixed-large.
     """
 
     N: int = 1000
@@ -114,10 +122,13 @@ class DDPM(DiscreteProcess):
     beta_start: float = 1e-4
     beta_end: float = 0.02
     cosine_s: float = 0.008
+    conditioning: str = "time"
+    ancestral_variance = "large"  # the DDPM code's CIFAR-10 runs: model_var_type="fixedlarge"
 
     SCHEDULES = ("linear", "cosine")
 
     def __post_init__(self):
+        self._check_conditioning()
         if self.schedule not in self.SCHEDULES:
             raise ValueError(
                 f"unknown DDPM schedule {self.schedule!r}; valid: {', '.join(self.SCHEDULES)}"

@@ -33,8 +33,9 @@ def as_pytree(score_fn: ScoreFn) -> ScoreFn:
 
 
 # Keyword-only options that are pytrees of arrays, traced rather than static:
-# a projection (`samplers.conditioning`) carries the known data.
-TRACED_OPTIONS = ("project",)
+# a projection (`samplers.conditioning`) carries the known data; `noise` the
+# sampler's standard-normal draws.
+TRACED_OPTIONS = ("project", "noise")
 
 
 def jitted_sampler(fn):
@@ -42,7 +43,7 @@ def jitted_sampler(fn):
 
     The shape and every keyword-only option are static (an explicit `grid` is
     turned into a tuple), except those in `TRACED_OPTIONS`; the key, the score
-    function's arrays and a projection's arrays are traced. The undecorated
+    function's arrays, a projection's arrays and given noise are traced. The undecorated
     function stays reachable as `.raw`.
     """
     options = [
