@@ -14,15 +14,38 @@ def get_config():
 
     # -- data ------------------------------------------------------------------
     config.data = data = ml_collections.ConfigDict()
-    data.dataset = "toy"  # toy | gmm | digits | npz | image_folder
+    # toy | gmm | digits | npz | image_folder | cifar10 | cifar100 | tfds | hf
+    data.dataset = "toy"
     data.name = (
         "two_moons"  # toy set: swiss_roll | two_moons | eight_gaussians | checkerboard | rings
     )
-    data.path = ""  # the .npz file (keys x, y) or image folder, for npz | image_folder
+    # npz: the .npz file (keys x, y); image_folder: the folder; cifar10 | cifar100: the
+    # unpacked cifar-10-batches-py/ or cifar-100-python/, its parent, or the .tar.gz;
+    # tfds: its data_dir and hf: its cache_dir ("" = the library's default).
+    data.path = ""
     data.num_train = 20_000  # toy | gmm: examples drawn for training
-    data.num_test = 4_000  # held-out examples (toy | gmm: drawn; files: split off)
-    data.image_size = 8  # images: height = width after loading
+    # Held-out examples (toy | gmm: drawn; npz | image_folder, and tfds | hf with
+    # data.split_test = "": split off at random). cifar10 | cifar100 use the official test set.
+    data.num_test = 4_000
+    data.image_size = 8  # images: height = width after loading (folders, tfds, hf: resized)
     data.num_channels = 1  # images: 1 (grayscale) or 3 (RGB)
+    # image_folder | tfds | hf: a centred crop_size square cut first, then the largest centred
+    # square resized to image_size (the score SDE code's CelebA: 140, then 64); 0 = no fixed crop.
+    data.crop_size = 0
+    # image_folder | tfds | hf: pillow's antialiased resize filter: bicubic (the score SDE
+    # code's crop_resize) | bilinear (its CelebA resize_small) | lanczos | box | nearest.
+    data.resample = "bicubic"
+    # image_folder: a seeded random subset of this many files; cifar10 | cifar100 | tfds | hf:
+    # the first this many examples of each split. 0 = all (quick runs on a big set).
+    data.max_examples = 0
+    data.tfds_name = ""  # tfds: the TFDS name, prepared under data.path (cifar10, celeb_a, ...)
+    data.hf_name = ""  # hf: a save_to_disk directory, or a hub name read from the local cache
+    data.split_train = "train"  # tfds | hf: the training split (or a TFDS slice, "train[:10%]")
+    # tfds | hf: the held-out split (celeb_a: "validation"); "" = split data.num_test off the
+    # training split at random.
+    data.split_test = "test"
+    data.image_key = "image"  # tfds | hf: the image feature (Hugging Face's cifar10: "img")
+    data.label_key = "label"  # tfds | hf: the label feature; "" = unlabelled
     data.centered = True  # images scaled to [-1, 1] if true, else [0, 1]
     data.uniform_dequantization = False  # add U(0, 1) / 2^bits noise to quantised data
     data.random_flip = False  # images: mirror each training image left-right with p = 1/2

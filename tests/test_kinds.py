@@ -150,7 +150,11 @@ def test_every_predictor_and_corrector_builds(table):
 
 
 @pytest.mark.parametrize("name", sorted(kinds.DATASETS))
-def test_every_dataset_builds(name, tmp_path):
+def test_every_dataset_builds(name, tmp_path, monkeypatch):
+    import sys
+
+    import image_data_util as util
+
     d = default().data
     d.num_train, d.num_test = 50, 10
     if name == "npz":
@@ -162,7 +166,25 @@ def test_every_dataset_builds(name, tmp_path):
         for i in range(12):
             Image.fromarray(np.full((8, 8), 20 * i, np.uint8)).save(tmp_path / f"{i}.png")
         d.path, d.num_test = str(tmp_path), 2
+    elif name in ("cifar10", "cifar100"):
+        util.write_cifar(tmp_path, name, per_file=4)
+        d.path = str(tmp_path)
+    elif name in ("tfds", "hf"):
+        # Stand-ins with the libraries' interface (neither is installed here).
+        pixels = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+        records = [{"image": p, "label": i % 2} for i, p in enumerate(pixels)]
+        splits = {"train": records[:3], "test": records[3:]}
+        if name == "tfds":
+            monkeypatch.setitem(sys.modules, "tensorflow_datasets", util.fake_tfds(splits))
+            d.tfds_name = "cifar10"
+        else:
+            splits = {k: util.FakeHFDataset(v) for k, v in splits.items()}
+            monkeypatch.setitem(sys.modules, "datasets", util.fake_hf(splits))
+            d.hf_name = "uoft-cs/cifar10"
     kind = kinds.DATASETS[name]
     ds = kind.build(d, 0)
     assert ds.num_train > 0 and ds.num_test > 0
     assert kind.images == (ds.kind == "image") or name == "npz"
+    if kind.images and name not in ("digits", "cifar10", "cifar100"):
+        # The image builders resize to the config's shape; CIFAR and digits have their own.
+        assert ds.data_shape == (d.image_size, d.image_size, d.num_channels)

@@ -1,12 +1,14 @@
-"""Data: toy 2-D sets, Gaussian mixtures with exact scores, digits, `.npz` files and image folders.
+"""Data: toy 2-D sets, Gaussian mixtures with exact scores, digits, `.npz`, image folders, CIFAR.
 
 Every source is embedded or a user file; nothing is downloaded. Builders
-(`vectors`, `images`) return an in-memory `Dataset` (`dataset`), whose
-`Scaling` (`scaling`) says how stored values become model inputs;
-`Dataset.device_arrays()` puts a split on the device once, `batch(arrays,
-seed, step, batch_size)` draws the batch of a step as a pure function of
-(seed, step) (`batching`), and `validate_batch` turns bad data into a
-`DataError` that names what is wrong (`validation`).
+(`vectors`, `images`, `folders`, `cifar`, and `external` for TFDS and Hugging Face
+`datasets`, optional libraries imported only when used) return an
+in-memory `Dataset` (`dataset`), whose `Scaling` (`scaling`) says how
+stored values become model inputs; `Dataset.device_arrays()` puts a split
+on the device once, `batch(arrays, seed, step, batch_size)` draws the
+batch of a step as a pure function of (seed, step) (`batching`), and
+`validate_batch` turns bad data into a `DataError` that names what is
+wrong (`validation`).
 """
 
 from diffusers_unified.data.batching import (
@@ -20,14 +22,12 @@ from diffusers_unified.data.batching import (
     gather,
     to_model_batch,
 )
+from diffusers_unified.data.cifar import cifar_dataset
 from diffusers_unified.data.dataset import DataArrays, Dataset, split_indices
+from diffusers_unified.data.external import hf_dataset, tfds_dataset
+from diffusers_unified.data.folders import image_folder_dataset
 from diffusers_unified.data.gaussian import ExactScore, GaussianMixture, example_mixture
-from diffusers_unified.data.images import (
-    array_dataset,
-    digits_dataset,
-    image_folder_dataset,
-    npz_dataset,
-)
+from diffusers_unified.data.images import array_dataset, digits_dataset, npz_dataset
 from diffusers_unified.data.scaling import Scaling
 from diffusers_unified.data.toy import (
     TOY_NAMES,
@@ -52,6 +52,7 @@ __all__ = [
     "array_dataset",
     "batch",
     "batch_indices",
+    "cifar_dataset",
     "dequantize_key",
     "digits_dataset",
     "eight_gaussians_mixture",
@@ -61,11 +62,13 @@ __all__ = [
     "flip_key",
     "example_mixture",
     "gather",
+    "hf_dataset",
     "image_folder_dataset",
     "npz_dataset",
     "sample_toy",
     "sample_toy_with_labels",
     "split_indices",
+    "tfds_dataset",
     "to_model_batch",
     "toy_dataset",
     "validate_batch",

@@ -1,15 +1,15 @@
-"""Image data sets: scikit-learn's 8x8 digits, in-memory arrays, `.npz` files, image folders.
+"""Image data sets: scikit-learn's 8x8 digits, in-memory arrays and `.npz` files.
 
 Everything is read from files the user has (or that a dependency ships);
 nothing is downloaded. Images are stored as integer levels (8-bit, or the
 digits' 4-bit) or as floats in [0, 1]; see `scaling` for how they reach the
-model.
+model. Image folders are read by `folders`, CIFAR's python batches by
+`cifar`, TFDS and Hugging Face data sets by `external`.
 """
 
 from __future__ import annotations
 
 import functools
-import os
 import zipfile
 from pathlib import Path
 
@@ -258,138 +258,3 @@ def npz_dataset(
         y_test=arrays.get("y_test"),
         source=str(path),
     )
-
-
-def _image_extensions() -> set[str]:
-    from PIL import Image
-
-    return {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
-
-
-def _list_images(folder: Path, extensions: set[str], recursive: bool) -> list[Path]:
-    found = []
-    for root, dirs, files in os.walk(folder):
-        dirs[:] = sorted(d for d in dirs if not d.startswith(".")) if recursive else []
-        found += [
-            Path(root) / f
-            for f in sorted(files)
-            if not f.startswith(".") and Path(f).suffix.lower() in extensions
-        ]
-    return found
-
-
-def image_folder_dataset(
-    path,
-    image_size: int | tuple[int, int] | None,
-    *,
-    num_channels: int = 3,
-    centered: bool = False,
-    test_size=0.1,
-    seed: int = 0,
-    name: str | None = None,
-) -> Dataset:
-    """8-bit images from a folder, read with pillow.
-
-    Layout: either class subfolders (`path/<class>/**/<image>`, labels = the
-    index of the class name in sorted order, as torchvision's ImageFolder) or
-    a flat folder of images (no labels). Hidden files and folders are
-    skipped. `num_channels` 1 reads grayscale ("L"), 3 reads RGB (alpha
-    dropped). `image_size` (int for square, or (H, W)): each image is
-    centre-cropped to that aspect ratio, then resized with pillow's
-    antialiased bicubic filter; None keeps the images' own size, which must
-    then be the same for all.
-    """
-    from PIL import Image, UnidentifiedImageError
-
-    path = Path(path)
-    if not path.is_dir():
-        what = "is a file" if path.exists() else "does not exist"
-        raise DataError(
-            f"image folder {path} {what}; expected a folder of images or of class subfolders"
-        )
-    if num_channels not in (1, 3):
-        raise ConfigError(f"num_channels must be 1 (grayscale) or 3 (RGB), got {num_channels}")
-    if image_size is not None:
-        size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
-        if len(size) != 2 or not all(isinstance(s, int) and s >= 1 for s in size):
-            raise ConfigError(f"image_size must be a positive int or (H, W), got {image_size!r}")
-    extensions = _image_extensions()
-    top = _list_images(path, extensions, recursive=False)
-    subdirs = sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
-    per_class = {d.name: _list_images(d, extensions, recursive=True) for d in subdirs}
-    with_images = {k: v for k, v in per_class.items() if v}
-    if with_images and top:
-        raise DataError(
-            f"image folder {path} has both images at its top level (e.g. {top[0].name}) and "
-            f"class subfolders ({', '.join(with_images)}); use one layout"
-        )
-    if with_images:
-        empty = [k for k, v in per_class.items() if not v]
-        if empty:
-            raise DataError(
-                f"image folder {path}: class subfolder(s) {', '.join(empty)} hold no images"
-            )
-        class_names = tuple(per_class)
-        files = [(f, i) for i, c in enumerate(class_names) for f in per_class[c]]
-    elif top:
-        class_names = None
-        files = [(f, -1) for f in top]
-    else:
-        raise DataError(
-            f"image folder {path} holds no images (looked for files such as *.png, *.jpg, "
-            "*.bmp that pillow can read, at its top level and in class subfolders)"
-        )
-    mode = "L" if num_channels == 1 else "RGB"
-    images, first = [], None
-    for file, _ in files:
-        try:
-            with Image.open(file) as im:
-                im = im.convert(mode)
-        except (OSError, UnidentifiedImageError, ValueError) as exc:
-            raise DataError(f"cannot read image {file} ({exc})") from exc
-        if image_size is None:
-            if first is None:
-                first = (file, im.size)
-            elif im.size != first[1]:
-                raise DataError(
-                    f"image folder {path}: {file} is {im.size[0]}x{im.size[1]} (WxH) but "
-                    f"{first[0]} is {first[1][0]}x{first[1][1]}; give image_size to resize"
-                )
-        else:
-            im = _crop_resize(im, size)
-        images.append(np.asarray(im, np.uint8))
-    x = np.stack(images)
-    if num_channels == 1:
-        x = x[..., None]
-    y = None if class_names is None else np.array([c for _, c in files], np.int32)
-    train, test = split_indices(x.shape[0], test_size, seed)
-    return Dataset(
-        name=name or path.name,
-        x_train=x[train],
-        x_test=x[test],
-        kind="image",
-        scaling=Scaling(centered=centered, bits=8),
-        y_train=None if y is None else y[train],
-        y_test=None if y is None else y[test],
-        num_classes=None if class_names is None else len(class_names),
-        class_names=class_names,
-    )
-
-
-def _crop_resize(im, size: tuple[int, int]):
-    """Centre-crop `im` to the aspect ratio of size (H, W), then resize to it."""
-    from PIL import Image
-
-    h, w = size
-    width, height = im.size
-    if width * h > height * w:  # too wide
-        new_w = round(height * w / h)
-        left = (width - new_w) // 2
-        im = im.crop((left, 0, left + new_w, height))
-    elif width * h < height * w:  # too tall
-        new_h = round(width * h / w)
-        top = (height - new_h) // 2
-        im = im.crop((0, top, width, top + new_h))
-    if im.size != (w, h):
-        im = im.resize((w, h), Image.Resampling.BICUBIC)
-    return im

@@ -302,12 +302,66 @@ DATASETS: dict[str, DatasetKind] = {
         lambda d, seed: _lib("data").image_folder_dataset(
             d.path,
             d.image_size,
-            num_channels=d.num_channels,
-            centered=d.centered,
             test_size=d.num_test,
             seed=seed,
+            max_examples=d.max_examples,
+            progress=True,
+            **_image_options(d),
         ),
         needs_path=True,
         images=True,
     ),
+    # CIFAR's python batches: the official train / test split, whatever data.num_test says.
+    "cifar10": DatasetKind(
+        lambda d, seed: _lib("data").cifar_dataset(
+            d.path, centered=d.centered, name="cifar10", max_examples=d.max_examples
+        ),
+        needs_path=True,
+        images=True,
+    ),
+    "cifar100": DatasetKind(
+        lambda d, seed: _lib("data").cifar_dataset(
+            d.path, centered=d.centered, name="cifar100", max_examples=d.max_examples
+        ),
+        needs_path=True,
+        images=True,
+    ),
+    # Optional libraries; data.path, when set, is TFDS's data_dir or the datasets cache_dir.
+    "tfds": DatasetKind(
+        lambda d, seed: _lib("data").tfds_dataset(
+            d.tfds_name, data_dir=d.path or None, **_external_options(d, seed)
+        ),
+        images=True,
+    ),
+    "hf": DatasetKind(
+        lambda d, seed: _lib("data").hf_dataset(
+            d.hf_name, cache_dir=d.path or None, **_external_options(d, seed)
+        ),
+        images=True,
+    ),
 }
+
+
+def _image_options(d) -> dict:
+    """How the image builders decode, crop and resize (the `data` section's keys)."""
+    return dict(
+        num_channels=d.num_channels,
+        centered=d.centered,
+        crop_size=d.crop_size,
+        resample=d.resample,
+    )
+
+
+def _external_options(d, seed) -> dict:
+    """The options that `tfds_dataset` and `hf_dataset` share."""
+    return dict(
+        split_train=d.split_train,
+        split_test=d.split_test,
+        image_size=d.image_size,
+        image_key=d.image_key,
+        label_key=d.label_key,
+        max_examples=d.max_examples,
+        test_size=d.num_test,
+        seed=seed,
+        **_image_options(d),
+    )
