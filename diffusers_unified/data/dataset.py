@@ -2,7 +2,8 @@
 
 A `Dataset` holds its splits in their stored form (see `scaling`), validated
 when it is built (`validation`); builders live in `vectors` (toy sets,
-mixtures) and `images` (digits, `.npz`, image folders, CIFAR-10), batching
+mixtures), `images` (digits, `.npz`), `folders`, `cifar` and `external` (TFDS,
+Hugging Face), batching
 in `batching`.
 """
 

@@ -145,6 +145,7 @@ CHOICES = {
     "eval.probe": ("rademacher", "gaussian"),  # likelihood.PROBES
     "eval.ode_method": ("euler", "heun", "rk4", "dopri5", "tsit5"),  # samplers.ode.METHODS
     "eval.fid_split": ("train", "test"),
+    "data.resample": ("bicubic", "bilinear", "lanczos", "box", "nearest"),  # data.pixels.RESAMPLE
 }
 # The library's option list each of those keys must equal (module, attribute).
 LIBRARY_CHOICES = {
@@ -158,6 +159,7 @@ LIBRARY_CHOICES = {
     "model.progressive_combine": ("nets.ncsnpp", "COMBINE"),
     "model.refinenet": ("nets", "ARCHITECTURES"),
     "model.up_attention": ("nets.unet", "UP_ATTENTION"),
+    "data.resample": ("data.pixels", "RESAMPLE"),
     "training.weighting": ("losses", "WEIGHTINGS"),
     "training.reduce": ("losses", "REDUCTIONS"),
     "optim.optimizer": ("training.optimizer", "OPTIMIZERS"),
@@ -192,6 +194,8 @@ POSITIVE_INTS = (
 )
 NON_NEGATIVE_INTS = (
     "data.validate_batches",
+    "data.crop_size",
+    "data.max_examples",
     "training.snapshot_freq",
     "optim.warmup",
     "optim.skip_nonfinite",

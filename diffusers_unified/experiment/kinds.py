@@ -179,6 +179,7 @@ LOSSES: dict[str, Callable] = {
 
 # -- samplers ------------------------------------------------------------------------------------
 
+
 def variance(sampling) -> str | None:
     """sampling.variance as the samplers take it: None for each process's reference choice."""
     return None if sampling.variance == "reference" else sampling.variance

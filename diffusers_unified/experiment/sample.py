@@ -55,9 +55,7 @@ def sampler_map(run: Run) -> DeviceMap:
     return DeviceMap(run.mesh, one_shard)
 
 
-def draw(
-    run: Run, params, n: int, key, out_dir: str | None = None, seconds=None, everywhere=False
-):
+def draw(run: Run, params, n: int, key, out_dir: str | None = None, seconds=None, everywhere=False):
     """n samples in shards of sampling.batch_size, one shard per device at a time.
 
     Returns (samples, labels or None, NFE per sample). Shard i uses
