@@ -2,9 +2,8 @@
 
 A `Dataset` holds its splits in their stored form (see `scaling`), validated
 when it is built (`validation`); builders live in `vectors` (toy sets,
-mixtures), `images` (digits, `.npz`), `folders`, `cifar` and `external` (TFDS,
-Hugging Face), batching
-in `batching`.
+mixtures), `images` (digits, `.npz`), `folders`, `cifar` and `external`
+(TFDS, Hugging Face); batching in `batching`.
 """
 
 from __future__ import annotations
