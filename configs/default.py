@@ -14,7 +14,8 @@ def get_config():
 
     # -- data ------------------------------------------------------------------
     config.data = data = ml_collections.ConfigDict()
-    # toy | gmm | digits | npz | image_folder | cifar10 | cifar100 | tfds | hf
+    # (none: no data, only the image shape, for sampling a model trained elsewhere)
+    # toy | gmm | digits | npz | image_folder | cifar10 | cifar100 | tfds | hf | none
     data.dataset = "toy"
     data.name = (
         "two_moons"  # toy set: swiss_roll | two_moons | eight_gaussians | checkerboard | rings
@@ -88,6 +89,8 @@ def get_config():
     # unet: self-attention on the way up once per level (the score SDE code's ddpm.py) or
     # after every block (Ho et al.'s code and diffusers' UNet2DModel): per_level | per_block
     model.up_attention = "per_level"
+    model.num_groups = 32  # unet: GroupNorm groups (fewer in narrow layers: >= 4 channels each)
+    model.norm_eps = 1e-6  # unet: GroupNorm epsilon (DDPM's)
     # NCSN++ / DDPM++ (Song et al. 2021, the score SDE code's models/ncsnpp.py):
     model.resblock_type = "biggan"  # ncsnpp: ddpm | biggan
     model.fir = True  # ncsnpp: FIR (anti-aliased) up/downsampling
@@ -101,6 +104,9 @@ def get_config():
     # the network is then conditioned on sigma itself, and predicts the score).
     model.scale_by_sigma = False
     model.refinenet = "ncsnv2"  # refinenet depth: ncsnv2 | ncsnv2_deeper | ncsnv2_deepest
+    # refinenet: the score SDE code's JAX port of NCSNv2 (what its checkpoints need) instead
+    # of the PyTorch NCSNv2 code's network (nets.refinenet_kwargs says how they differ)
+    model.score_sde_port = False
     # Condition on labels (the dataset must have them; their number is the dataset's
     # num_classes, and label num_classes is the null label of classifier-free guidance).
     model.class_conditional = False

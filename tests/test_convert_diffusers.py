@@ -358,3 +358,59 @@ def test_sampling_matches_diffusers_scheduler_loop(tmp_path, reference, converte
     expected = reference[f"{loop}_samples"]
     err, scale = np.abs(np.asarray(out.samples) - expected).max(), np.abs(expected).max()
     assert err <= LOOP_TOLERANCE[loop] * scale, f"{loop}: max error {err:.3g}, scale {scale:.3g}"
+
+
+# -- a work directory from a diffusers model (diffusers-unified-convert diffusers) ----------------
+
+
+def test_imported_work_directory_samples_with_any_sampler_and_is_the_converted_network(
+    tmp_path, weights
+):
+    import launcher_util as lu
+
+    from diffusers_unified.experiment import config as config_lib
+    from diffusers_unified.experiment import imports
+    from diffusers_unified.experiment.run import build_run, restore
+    from diffusers_unified.experiment.workdir import Workdir
+
+    model = write_unet(tmp_path / "pipeline" / "unet", TINY_CONFIG, weights)
+    (tmp_path / "pipeline" / "scheduler").mkdir()
+    write_scheduler(tmp_path / "pipeline" / "scheduler")  # found beside unet/, as diffusers does
+    workdir = tmp_path / "imported"
+    assert imports.main(["diffusers", f"--model={model}", f"--workdir={workdir}"]) == 0
+    config = Workdir(workdir).saved_config()
+    config_lib.check_against_schema(config)
+    assert (config.process.name, config.process.num_scales) == ("ddpm", 1000)
+    assert config.process.conditioning == "index" and config.model.up_attention == "per_block"
+    assert config.sampling.clip_x0 and config.data.dataset == "none"
+
+    # The work directory's score function is the converted network's, under its scheduler.
+    run = build_run(config)
+    _, state = restore(run, Workdir(workdir))
+    kwargs, params = cd.load_unet2d(model)
+    process = DDPM(N=1000, schedule="linear", beta_start=1e-4, beta_end=0.02)
+    direct = make_score_fn(process, NetApply(UNet(**kwargs)), params, "eps")
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((2, 8, 8, 3)), jnp.float32)
+    for t in (0.02, 0.5, 0.97):
+        t = jnp.full((2,), t)
+        np.testing.assert_array_equal(run.score_fn(state.ema_params)(x, t), direct(x, t))
+
+    # Any sampler through the launcher, on the imported model.
+    for method in ("ddim", "ode"):
+        result = lu.run(
+            workdir,
+            "--config.sampling.num_steps=10",
+            f"--config.sampling.method={method}",
+            "--config.sampling.num_samples=4",
+            "--config.sampling.batch_size=4",
+            "--allow_config_change",
+            mode="sample",
+            config=None,
+        )
+        assert result.code == 0, result
+        assert "wrote 4 samples" in result.stderr
+
+    # A second import into the same directory is refused, and changes nothing.
+    assert imports.main(["diffusers", f"--model={model}", f"--workdir={workdir}"]) == 2
+    assert imports.main(["diffusers", f"--model={tmp_path}", f"--workdir={tmp_path / 'x'}"]) == 5
+    assert not (tmp_path / "x").exists()

@@ -189,13 +189,15 @@ def test_load_inception_params_checks_every_key_and_shape(tmp_path):
 
 
 def test_converter_cli_exit_codes_and_no_partial_output(tmp_path, capsys):
+    from diffusers_unified.experiment.imports import main
+
     out = tmp_path / "out.npz"
-    code = convert.main([f"--weights={tmp_path / 'absent.pth'}", f"--out={out}"])
+    code = main(["inception", f"--weights={tmp_path / 'absent.pth'}", f"--out={out}"])
     assert code == 5 and "absent.pth" in capsys.readouterr().err and not out.exists()
     with pytest.raises(SystemExit) as e:
-        convert.main([f"--out={out}"])  # --weights is required
+        main(["inception", f"--out={out}"])  # --weights is required
     assert e.value.code == 2
-    code = convert.main([f"--weights={tmp_path / 'absent.pth'}", "--out=/no/such/dir/x.npz"])
+    code = main(["inception", f"--weights={tmp_path / 'absent.pth'}", "--out=/no/such/dir/x.npz"])
     assert code == 5  # the missing input is reported first
     # A failed write (here: the target is a directory) leaves no temporary file.
     (tmp_path / "taken").mkdir()

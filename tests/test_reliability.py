@@ -405,6 +405,22 @@ def test_b18_keep_below_one_is_rejected_at_config_time(keep, tmp_path):
     assert_untouched(workdir)
 
 
+def test_sample_overrides_apply_to_the_work_directorys_config(reference, tmp_path):
+    """`--mode=sample --workdir=W --config.a.b=v` without --config: W's config.json, overridden."""
+    workdir = copy_of(reference[0], tmp_path)
+    saved = (workdir / "config.json").read_text()
+    args = ("--config.sampling.method=ode", "--config.sampling.ode_method=rk4")
+    result = lu.run(workdir, *args, "--config.sampling.num_steps=5", mode="sample", config=None)
+    assert result.code == 0, result
+    # 5 grid points: 4 RK4 steps of 4 evaluations, and the final denoising step
+    assert "samples of ode (rk4) (NFE 17 each)" in result.stderr
+    assert (workdir / "config.json").read_text() == saved  # the overrides are not saved
+    typo = lu.run(workdir, "--config.sampling.methd=ode", mode="sample", config=None)
+    assert typo.code == 2 and "Did you mean 'sampling.method'?" in typo.stderr, typo
+    wrong = lu.run(workdir, "--config.sampling.num_steps=2.5", mode="sample", config=None)
+    assert wrong.code == 2 and "sampling.num_steps='2.5' is not a int" in wrong.stderr, wrong
+
+
 def test_a_work_directory_checkpoint_opens_with_plain_orbax(reference):
     """The checkpoints are orbax's own: orbax alone reads the newest one, without this package."""
     import orbax.checkpoint as ocp

@@ -5,10 +5,10 @@ as `pt_inception-2015-12-05-6726825d.pth`, a state dict of its
 `fid_inception_v3` (torchvision's Inception-v3 layout). Download it once
 yourself, then
 
-    diffusers-unified-convert-inception --weights=pt_inception-2015-12-05-6726825d.pth \
+    diffusers-unified-convert inception --weights=pt_inception-2015-12-05-6726825d.pth \
         --out=inception_fid.npz
 
-(or `python -m diffusers_unified.convert.inception ...`). Reading the `.pth`
+(`convert_pytorch_fid_weights` in Python). Reading the `.pth`
 needs torch (the optional extra `convert`); nothing else in the package does.
 
 The mapping is one key to one key, with the module names unchanged
@@ -23,14 +23,12 @@ leaves no file behind.
 
 from __future__ import annotations
 
-import argparse
 import os
-import sys
 from collections.abc import Mapping
 
 import numpy as np
 
-from diffusers_unified.errors import CheckpointError, ConfigError, DiffusersUnifiedError
+from diffusers_unified.errors import CheckpointError, ConfigError
 from diffusers_unified.nets.inception import check_weights, expected_shapes
 
 # torch suffix -> (Flax collection, Flax suffix); the module path in front is shared.
@@ -154,29 +152,3 @@ def convert_pytorch_fid_weights(pth_path: str, out_path: str) -> str:
     arrays = convert_state_dict(_load_torch_state_dict(pth_path), source=pth_path)
     save_weights(arrays, out_path)
     return out_path
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Console script `diffusers-unified-convert-inception --weights=PTH --out=NPZ`.
-
-    Exit codes as the launcher's: 0 ok, 2 usage error (or torch missing),
-    5 missing or incompatible weights file.
-    """
-    parser = argparse.ArgumentParser(
-        prog="diffusers-unified-convert-inception",
-        description="Convert pytorch-fid's FID Inception weights (.pth) to an .npz for JAX.",
-    )
-    parser.add_argument("--weights", required=True, help="pt_inception-2015-12-05-6726825d.pth")
-    parser.add_argument("--out", required=True, help="output .npz (eval.inception_weights)")
-    args = parser.parse_args(argv)  # exits with 2 on a usage error
-    try:
-        path = convert_pytorch_fid_weights(args.weights, args.out)
-    except DiffusersUnifiedError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
-    print(f"wrote {path} ({len(expected_shapes())} arrays)")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

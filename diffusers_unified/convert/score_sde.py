@@ -212,6 +212,14 @@ def read_score_sde_checkpoint(path: str | os.PathLike, which: str = "ema") -> Ma
     return tree
 
 
+def score_sde_step(path: str | os.PathLike) -> int:
+    """The training step a score SDE checkpoint file records (0 if it has none)."""
+    with open(path, "rb") as f:
+        state = serialization.msgpack_restore(f.read())
+    step = state.get("step", 0) if isinstance(state, Mapping) else 0
+    return int(step)
+
+
 def load_score_sde_checkpoint(
     path: str | os.PathLike, config: Mapping, which: str = "ema"
 ) -> Params:

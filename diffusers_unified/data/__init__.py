@@ -27,7 +27,12 @@ from diffusers_unified.data.dataset import DataArrays, Dataset, split_indices
 from diffusers_unified.data.external import hf_dataset, tfds_dataset
 from diffusers_unified.data.folders import image_folder_dataset
 from diffusers_unified.data.gaussian import ExactScore, GaussianMixture, example_mixture
-from diffusers_unified.data.images import array_dataset, digits_dataset, npz_dataset
+from diffusers_unified.data.images import (
+    array_dataset,
+    digits_dataset,
+    npz_dataset,
+    shape_only_dataset,
+)
 from diffusers_unified.data.scaling import Scaling
 from diffusers_unified.data.toy import (
     TOY_NAMES,
@@ -67,6 +72,7 @@ __all__ = [
     "npz_dataset",
     "sample_toy",
     "sample_toy_with_labels",
+    "shape_only_dataset",
     "split_indices",
     "tfds_dataset",
     "to_model_batch",

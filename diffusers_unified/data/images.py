@@ -64,6 +64,18 @@ def digits_dataset(*, centered: bool = False, test_size=0.2, seed: int = 0) -> D
     )
 
 
+def shape_only_dataset(image_size: int, num_channels: int, *, centered: bool) -> Dataset:
+    """No data, only their shape: one black 8-bit image in each split.
+
+    For a model trained elsewhere (an imported checkpoint) that is sampled
+    without its training data; evaluation against data needs a real data set.
+    """
+    x = np.zeros((1, image_size, image_size, num_channels), np.uint8)
+    return Dataset(
+        name="none", x_train=x, x_test=x, kind="image", scaling=Scaling(centered=centered, bits=8)
+    )
+
+
 def array_dataset(
     name: str,
     x,

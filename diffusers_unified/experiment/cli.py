@@ -90,8 +90,11 @@ def parse_flags(argv: list[str]) -> list[str]:
             loaded = module.get_config(arg) if sep else module.get_config()
             config_lib.check_against_schema(loaded, source=path)
             config_lib.check_overrides(argv, loaded)
-        elif any(a.startswith("--config.") for a in argv):
-            raise ConfigError("--config.* overrides need --config=<file>")
+        else:
+            # Without --config, sample and eval start from the work directory's
+            # config.json; overrides apply to it (`resolve_config`), after the flags.
+            _WORKDIR_OVERRIDES[:] = [a for a in argv if a.startswith("--config.")]
+            argv = [a for a in argv if not a.startswith("--config.")]
         return FLAGS(argv)
     except ConfigError as e:
         _fail(str(e), 2)
@@ -113,8 +116,12 @@ def _setup_logging() -> None:
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every save at INFO
 
 
+_WORKDIR_OVERRIDES: list[str] = []  # --config.a.b=value given without --config
+
+
 def resolve_config(workdir: str):
-    """The flag's config, or the work directory's config.json (sample and eval only)."""
+    """The flag's config, or the work directory's config.json with the command line's
+    `--config.a.b=value` overrides (sample and eval only)."""
     from diffusers_unified.experiment.workdir import Workdir
 
     if FLAGS.config is not None:
@@ -127,7 +134,7 @@ def resolve_config(workdir: str):
     if "distributed" in saved:
         # How the training run's processes met; this run is on its own unless --config says.
         saved.distributed.enabled = False
-    return saved
+    return config_lib.apply_overrides(saved, _WORKDIR_OVERRIDES, source=f"{workdir}/config.json")
 
 
 def initialise_distributed(config) -> None:

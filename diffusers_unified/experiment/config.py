@@ -109,6 +109,52 @@ def check_overrides(argv: list[str], config) -> None:
             raise unknown_key_error(key, schema)
 
 
+def apply_overrides(config, args: list[str], source: str = ""):
+    """A copy of `config` with `--config.a.b=value` arguments applied, typed like its values.
+
+    For a config read from a work directory's config.json, where no config
+    file is given for ml_collections' flags to parse overrides against.
+    Values are read as the key's type: bools as true/false, numbers, tuples
+    as Python literals, strings as they are.
+    """
+    import ast
+
+    config = ml_collections.ConfigDict(config.to_dict())
+    schema = dict(flatten(config))
+    for arg in args:
+        key, sep, text = arg[len("--config.") :].partition("=")
+        if key not in schema:
+            raise unknown_key_error(key, schema, f" (overriding {source})" if source else "")
+        if not sep:
+            raise ConfigError(f"--config.{key} needs a value (--config.{key}=VALUE)")
+        current = schema[key]
+        try:
+            if isinstance(current, bool):
+                if text.lower() not in ("true", "false"):
+                    raise ValueError(text)
+                value = text.lower() == "true"
+            elif isinstance(current, int | float):
+                value = ast.literal_eval(text)
+                if isinstance(value, bool) or not isinstance(value, type(current) | int):
+                    raise ValueError(text)
+                value = type(current)(value)
+            elif isinstance(current, tuple | list):
+                value = tuple(ast.literal_eval(text))
+            else:
+                value = text
+        except (ValueError, SyntaxError, TypeError):
+            raise ConfigError(
+                f"--config.{key}={text!r} is not a {type(current).__name__} (like its value "
+                f"{current!r})"
+            ) from None
+        node = config
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
+    return config
+
+
 # -- values ----------------------------------------------------------------------------
 
 # Valid values. Keys that name a kind take the names of its table in `kinds`; the
@@ -188,6 +234,7 @@ POSITIVE_INTS = (
     "eval.num_probes",
     "eval.num_steps",
     "eval.inception_batch",
+    "model.num_groups",
     "eval.kid_reference",
     "eval.is_splits",
     "distributed.num_processes",
@@ -204,6 +251,7 @@ NON_NEGATIVE_INTS = (
 )
 POSITIVE_FLOATS = (
     "model.fourier_scale",
+    "model.norm_eps",
     "process.beta_max",
     "process.sigma_min",
     "process.sigma_max",

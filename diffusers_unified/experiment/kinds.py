@@ -123,7 +123,7 @@ def _refinenet(m, num_classes, centered):
         scale_by_sigma=m.scale_by_sigma,
         centered=centered,
         dtype=m.dtype,
-        **nets.refinenet_kwargs(m.refinenet),
+        **nets.refinenet_kwargs(m.refinenet, score_sde_port=m.score_sde_port),
     )
 
 
@@ -149,6 +149,8 @@ NETS: dict[str, NetKind] = {
             fourier_scale=m.fourier_scale,
             skip_rescale=m.skip_rescale,
             up_attention=m.up_attention,
+            num_groups=m.num_groups,
+            norm_eps=m.norm_eps,
             num_classes=num_classes,
             dtype=m.dtype,
         ),
@@ -337,6 +339,13 @@ DATASETS: dict[str, DatasetKind] = {
     "hf": DatasetKind(
         lambda d, seed: _lib("data").hf_dataset(
             d.hf_name, cache_dir=d.path or None, **_external_options(d, seed)
+        ),
+        images=True,
+    ),
+    # No data, only the config's image shape: for imported models sampled without their data.
+    "none": DatasetKind(
+        lambda d, seed: _lib("data").shape_only_dataset(
+            d.image_size, d.num_channels, centered=d.centered
         ),
         images=True,
     ),

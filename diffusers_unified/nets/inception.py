@@ -320,7 +320,7 @@ def check_weights(arrays: dict[str, np.ndarray], source: str) -> None:
         if key not in arrays:
             raise CheckpointError(
                 f"{source}: missing key {key!r} (expected shape {shape}); "
-                "convert pytorch-fid's weights with diffusers-unified-convert-inception"
+                "convert pytorch-fid's weights with diffusers-unified-convert inception"
             )
         if tuple(arrays[key].shape) != shape:
             raise CheckpointError(
@@ -344,7 +344,7 @@ def load_inception_params(path: str) -> dict:
     if not os.path.isfile(path):
         raise CheckpointError(
             f"Inception weights file {path!r} not found; convert pytorch-fid's "
-            "pt_inception-2015-12-05-6726825d.pth with diffusers-unified-convert-inception"
+            "pt_inception-2015-12-05-6726825d.pth with diffusers-unified-convert inception"
         )
     try:
         with np.load(path, allow_pickle=False) as f:
