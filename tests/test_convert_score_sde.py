@@ -261,3 +261,43 @@ def test_discrete_smld_ncsnpp_is_refused_with_the_equivalent():
     section = dict(VE_NCSNPP, embedding_type="positional")
     with pytest.raises(ConfigError, match="parametrization 'eps'"):
         module_from_score_sde_config(dict(model=section, data=dict(centered=False)))
+
+
+# -- a work directory from a score SDE checkpoint (diffusers-unified-convert score_sde) -----------
+
+
+@pytest.mark.parametrize(
+    ("case", "sde", "continuous", "process", "conditioning"),
+    [
+        ("ncsnpp_ve_skips", "vesde", True, "vesde", "sigma"),
+        ("ncsnpp_vp_ddpm", "vpsde", True, "vpsde", "time"),
+        ("ncsnv2_64", "vesde", False, "ncsn", "sigma"),
+    ],
+)
+def test_an_imported_work_directory_runs_the_reference_network(
+    case, sde, continuous, process, conditioning, tmp_path
+):
+    from diffusers_unified.experiment import imports
+    from diffusers_unified.experiment.run import build_run, restore
+    from diffusers_unified.experiment.workdir import Workdir
+
+    config, layout, _ = case_data(case)
+    config = {
+        **config,
+        "training": {"sde": sde, "continuous": continuous},
+        "sampling": {"method": "pc", "predictor": "reverse_diffusion", "corrector": "langevin"},
+    }
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    write_checkpoint(tmp_path / "checkpoint_26", draw_reference_params(layout), {})
+    workdir = tmp_path / "imported"
+    args = ["score_sde", f"--checkpoint={tmp_path / 'checkpoint_26'}"]
+    code = imports.main([*args, f"--config={tmp_path / 'config.json'}", f"--workdir={workdir}"])
+    assert code == 0
+    saved = Workdir(workdir).saved_config()
+    assert (saved.process.name, saved.process.conditioning) == (process, conditioning)
+    assert saved.model.parametrization == ("eps" if sde == "vpsde" else "score")
+    run = build_run(saved)
+    assert run.process.conditioning == conditioning
+    step, state = restore(run, Workdir(workdir))
+    assert step == 7  # the step the score SDE checkpoint records
+    assert_matches_reference(case, run.net.module, state.ema_params)

@@ -25,7 +25,9 @@ EMA parameters are the imported weights. Afterwards `--mode=sample` and
   parameters unless `--which=params`) and its config (the `.py` file, with
   the score SDE repository's `configs/` package beside it, or a `.json` of
   `config.to_dict()`): its SDE (VP, sub-VP, VE; DDPM for the discrete VP),
-  NCSN++ / DDPM++ or NCSNv2 network, and predictor-corrector settings.
+  NCSN++ / DDPM++ or NCSNv2 network, and predictor-corrector settings
+  (the discrete VP and VE, `training.continuous = False`, are this package's
+  DDPM and NCSN processes).
 
 The data section is "none" (the image shape only, enough to sample) unless
 `--dataset` / `--data_path` name the data to evaluate against. The work
@@ -202,9 +204,10 @@ def score_sde_config(reference: dict):
             p.name, p.beta_min, p.beta_max, p.num_scales = sde, beta_min, beta_max, n
             p.conditioning = "time"
         m.parametrization = "eps"  # its VP score is -model / std
-    elif sde == "vesde":
-        p.name, p.num_scales = "vesde", n
+    elif sde == "vesde":  # SMLD: the discrete VE, NCSN, when not continuous
+        p.name, p.num_scales = ("vesde" if continuous else "ncsn"), n
         p.sigma_min, p.sigma_max = float(ref_model["sigma_min"]), float(ref_model["sigma_max"])
+        p.conditioning = "sigma"  # its VE networks are fed sigma (a table lookup when discrete)
         m.parametrization = "score"  # its VE networks predict the score (divided by sigma)
     else:
         raise ConfigError(f"training.sde={sde!r}; valid: vpsde, subvpsde, vesde")
