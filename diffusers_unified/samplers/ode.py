@@ -134,8 +134,15 @@ def probability_flow(
     `method`: "euler", "heun" or "rk4" step between the `num_steps` grid
     times (default process.N); "dopri5" (default, the reference code's scipy
     RK45 with rtol = atol = 1e-5) or "tsit5" adapt their steps to rtol/atol
-    between T and t_min. Then, if `denoise`, one Tweedie step to clean data.
-    NFE is counted exactly, also for the adaptive methods.
+    between T and t_min. Then, if `denoise`, one Tweedie step to clean data,
+    E[x_0 | x_t_min] (NCSNv2's denoising). The reference code's ODE sampler
+    (`get_ode_sampler`, with its configs' `noise_removal = True`) ends instead
+    with one reverse-diffusion predictor step at eps: for the VE SDE that is
+    the same step (its first level's G^2 is sigma_min^2); for the VP SDE it
+    moves x by beta_1 = 1e-4 times the score where Tweedie moves it by
+    sigma(1e-3)^2 / alpha = 1.1e-4 times it, a difference far below 8-bit
+    quantisation. `denoise=False` leaves the step out. NFE is counted exactly, also for the
+    adaptive methods.
 
     `project` (inpainting, colorization: `samplers.conditioning`) is applied
     to the prior draw, after every fixed step and to the denoised output; it
