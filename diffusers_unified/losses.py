@@ -182,10 +182,12 @@ def dsm_loss(
     E_{t ~ U(t_min, T)} lambda(t) || s_theta(x_t, t) + eps / sigma(t) ||^2 with
     lambda = sigma^2 (`weighting="sigma2"`, the paper's default) or lambda =
     g(t)^2 (`"likelihood"`, the likelihood weighting of Song, Durkan, Murray
-    and Ermon 2021, under which the loss with `reduce="sum"` is the
-    score-matching term of their bound on the negative log-likelihood,
-    divided by T - t_min). t_min = 1e-5 and the 1/2-sum over dimensions are
-    the score SDE code's defaults (`get_sde_loss_fn`).
+    and Ermon 2021: with `reduce="sum"` the loss is then the denoising form
+    of the score-matching term 1/2 int g^2 E||s_theta - grad log p_t||^2 dt
+    of their bound on the negative log-likelihood, divided by T - t_min, and
+    equal to it up to a constant that does not depend on the network).
+    t_min = 1e-5 and the 1/2-sum over dimensions are the score SDE code's
+    defaults (`get_sde_loss_fn`).
 
     `importance_sampling` (likelihood weighting only) draws t from the density
     p(t) proportional to g(t)^2 / sigma(t)^2 on [t_min, T] and weights each

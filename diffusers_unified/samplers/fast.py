@@ -383,19 +383,20 @@ def edm_stochastic(
 
     On `edm_heun`'s levels sigma_0 > ... > sigma_{N-1} (the same `num_steps`,
     `rho`, `sigma_min`, `sigma_max`, `grid` and `scaling`), each step first
-    raises the noise level from sigma_i to sigma_hat_i = (1 + gamma_i) sigma_i
-    by adding fresh noise,
+    raises the noise level from sigma_i to sigma_i+ = (1 + gamma_i) sigma_i
+    (EDM's t_hat) by adding fresh noise,
 
-        y_hat = y + sqrt(sigma_hat_i^2 - sigma_i^2) S_noise z,
+        y+ = y + sqrt(sigma_i+^2 - sigma_i^2) S_noise z,
         gamma_i = min(S_churn / N, sqrt(2) - 1) if S_tmin <= sigma_i <= S_tmax else 0,
 
-    then takes `edm_heun`'s Heun step from sigma_hat_i to sigma_{i+1} (the
-    last, to sigma = 0, is Euler's: the denoiser D at sigma_hat_{N-1}). Here
-    sigma is sigma_hat = sigma(t) / alpha(t) of the process (EDM's sigma for
-    VP and VE alike) and y = x / alpha; with scaling "vp" the churn acts as
-    generate.py's `ablation_sampler` does, u_hat = s(sigma_hat_i) / s(sigma_i)
-    u + sqrt(sigma_hat_i^2 - sigma_i^2) s(sigma_hat_i) S_noise z. NFE = 2 N - 1,
-    as for `edm_heun`, which S_churn = 0 reproduces exactly.
+    then takes `edm_heun`'s Heun step from sigma_i+ to sigma_{i+1} (the last,
+    to sigma = 0, is Euler's: the denoiser D at sigma_{N-1}+). Here sigma is
+    the process's sigma(t) / alpha(t) (the module docstring's sigma_hat, EDM's
+    sigma for VP and VE alike) and y = x / alpha; with scaling "vp" the churn
+    acts on u = s y as generate.py's `ablation_sampler` does, u+ =
+    s(sigma_i+) / s(sigma_i) u + sqrt(sigma_i+^2 - sigma_i^2) s(sigma_i+)
+    S_noise z. NFE = 2 N - 1, as for `edm_heun`, which S_churn = 0 reproduces
+    exactly.
 
     Defaults: the settings generate.py's README recommends for stochastic
     sampling (ImageNet-64: 256 steps, S_churn 40, S_tmin 0.05, S_tmax 50,
@@ -408,9 +409,10 @@ def edm_stochastic(
     One departure, forced: a churned level above sigma_hat(T) is lowered to
     sigma_hat(T), since a process (and a network trained on it) has no score
     beyond T; EDM evaluates its network there. It matters only when S_tmax
-    reaches the top level (VE SDE: sigma_hat(T) = 50, inside the default
-    S_tmax). `project` (`samplers.conditioning`) is applied to the prior
-    draw, after each churn (at sigma_hat_i), after each Heun step and, as
+    reaches the top level: on the VE SDE, whose sigma_hat(T) = 50 equals the
+    default S_tmax, the first level is not churned; on the VP SDE (sigma_hat(T)
+    = 152, levels from 80) never. `project` (`samplers.conditioning`) is applied to the prior
+    draw, after each churn (at sigma_i+), after each Heun step and, as
     `project.clean`, to the output.
     """
     if scaling not in EDM_SCALINGS:
