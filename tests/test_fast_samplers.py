@@ -296,9 +296,9 @@ ACCURACY += [(p, samplers.edm_heun, {"num_steps": 10, "scaling": "vp"}, 19) for 
 ACCURACY += [("VESDE", samplers.edm_heun, {"num_steps": 20}, 39)]
 # EDM's stochastic sampler with its ImageNet-64 settings (S_churn 40, S_noise 1.003,
 # S_tmin 0.05 and S_tmax 50 for data of std 0.5, here scaled by 1.07 / 0.5 to the
-# mixture's std) at N = 64 levels (127 NFE). Measured in sampler_accuracy.py (sets of
-# 5,000): 1.43 (VP) and 1.24 (VE) at 63 NFE, 0.92 ... 1.01 at 127 NFE, 1.03 ... 1.21
-# beyond: the churn's fresh noise makes the runs as noisy as an exact sampler's.
+# mixture's std) at N = 64 levels (127 NFE): measured 0.97 (VP) and 0.88 (VE) here. In
+# sampler_accuracy.py (sets of 5,000): 1.30 and 1.25 at 49 NFE, 0.82 ... 1.20 from 99 NFE
+# on (the churn's fresh noise makes the ratios as noisy as an exact sampler's).
 IMAGENET = {"S_churn": 40.0, "S_tmin": 0.05 * 1.07 / 0.5, "S_tmax": 50 * 1.07 / 0.5}
 ACCURACY += [
     (p, fast.edm_stochastic, {"num_steps": 64, "S_noise": 1.003, **IMAGENET}, 127)
