@@ -29,6 +29,7 @@ from diffusers_unified import samplers
 from diffusers_unified.data.gaussian import example_mixture
 from diffusers_unified.metrics import sliced_wasserstein
 from diffusers_unified.processes import NCSN, VESDE, VPSDE
+from diffusers_unified.samplers import fast
 
 from common import RESULTS, final_json, write_table
 
@@ -56,6 +57,30 @@ def ode(method, order):
         options = {"method": method, "num_steps": steps}
         return None if steps < 2 else (VP, samplers.probability_flow, options)
 
+    return at
+
+
+def edm_stochastic(process, setting, scaling="none"):
+    """EDM's Alg. 2 with the Table 5 / README setting `setting` (samplers.fast), N = (nfe + 1) / 2.
+
+    S_tmin and S_tmax are EDM's noise levels for data of std 0.5, scaled by
+    std / 0.5 to the mixture's per-coordinate std (1.07 in 2-D, 0.50 in 16-D).
+    """
+    s_churn, s_tmin, s_tmax, s_noise = fast.EDM_STOCHASTIC_SETTINGS[setting]
+
+    def at(nfe, std):
+        steps = (nfe + 1) // 2
+        options = {
+            "num_steps": steps,
+            "S_churn": s_churn,
+            "S_tmin": s_tmin * std / 0.5,
+            "S_tmax": s_tmax * std / 0.5,
+            "S_noise": s_noise,
+            "scaling": scaling,
+        }
+        return None if steps < 2 else (process, fast.edm_stochastic, options)
+
+    at.needs_std = True
     return at
 
 
@@ -88,6 +113,15 @@ SAMPLERS = {
     "edm heun (VE)": fixed(VE, samplers.edm_heun, 2, extra=-1),
     "edm heun, vp scaling (VP)": fixed(VP, samplers.edm_heun, 2, extra=-1, scaling="vp"),
     "edm heun, vp scaling (VE)": fixed(VE, samplers.edm_heun, 2, extra=-1, scaling="vp"),
+    # EDM's stochastic sampler (Alg. 2), N levels, NFE = 2 N - 1, with EDM's settings
+    # for ImageNet-64 (its README) and CIFAR-10 (Table 5), scaled to the data's std.
+    "edm stochastic, imagenet64 (VP)": edm_stochastic(VP, "imagenet64-edm"),
+    "edm stochastic, imagenet64 (VE)": edm_stochastic(VE, "imagenet64-edm"),
+    "edm stochastic, cifar10-vp (VP)": edm_stochastic(VP, "cifar10-vp"),
+    "edm stochastic, cifar10-ve (VE)": edm_stochastic(VE, "cifar10-ve"),
+    "edm stochastic, imagenet64, vp scaling (VP)": edm_stochastic(
+        VP, "imagenet64-edm", scaling="vp"
+    ),
     "annealed langevin (NCSN, L=10)": ald,
     "ode euler (VP)": ode("euler", 1),
     "ode heun (VP)": ode("heun", 2),
@@ -126,12 +160,14 @@ def run_dim(dim: int, nfes, tolerances, keep=lambda name: True):
     )
     sample = np.asarray(exact[0][:2000])
     sigma_max = float(np.max(np.linalg.norm(sample[:, None] - sample[None], axis=-1)))
+    std = float(np.sqrt(np.trace(np.asarray(mixture.covariance())) / mixture.dim))
     curves = {}  # name -> [(budget, nfe, distance)]; the budget is the tolerance if adaptive
     key = jax.random.PRNGKey(dim)
     for name, at in SAMPLERS.items():
         if not keep(name):
             continue
         at = functools.partial(at, sigma_max=sigma_max) if at is ald else at
+        at = functools.partial(at, std=std) if getattr(at, "needs_std", False) else at
         curves[name] = [
             (budget, *evaluate(mixture, *cfg, exact, key)) for budget in nfes if (cfg := at(budget))
         ]

@@ -9,7 +9,10 @@ basis, and its score, log density and inverse cost O(d^2) per component.
 Use `mixture.score_fn(process)` as an exact score function for any sampler,
 `mixture.sample` for exact samples, and `mixture.log_prob` for exact densities.
 Read as a labelled data set (class k = component k), `mixture.score_fn(process,
-y=labels)` is the exact class-conditional score: each example's component's.
+y=labels)` is the exact class-conditional score: each example's component's,
+and `mixture.logits_fn(process)` the exact noise-conditional classifier
+log p_t(k | x_t) (the components' responsibilities), whose gradient turns the
+marginal score into the conditional one (classifier guidance).
 """
 
 from __future__ import annotations
@@ -145,6 +148,11 @@ class GaussianMixture(struct.PyTreeNode):
         log_joint, _ = self._components(x, alpha, sigma)
         return jax.nn.softmax(log_joint, axis=0).T
 
+    def log_posterior(self, x: Array, alpha=1.0, sigma=0.0) -> Array:
+        """log p(component k | x_t = x), shaped (n, K): the exact class posterior at time t."""
+        log_joint, _ = self._components(x, alpha, sigma)
+        return jax.nn.log_softmax(log_joint, axis=0).T
+
     def classify(self, x: Array) -> Array:
         """The most probable component of each clean sample (n,)."""
         return jnp.argmax(self.responsibilities(x), axis=-1)
@@ -156,6 +164,10 @@ class GaussianMixture(struct.PyTreeNode):
         for example i.
         """
         return ExactScore(self, None if y is None else jnp.asarray(y, jnp.int32), process)
+
+    def logits_fn(self, process) -> ExactLogits:
+        """The exact class posterior log p_t(k | x) under `process`, as a classifier's logits."""
+        return ExactLogits(self, process)
 
 
 class ExactScore(struct.PyTreeNode):
@@ -175,6 +187,17 @@ class ExactScore(struct.PyTreeNode):
         if self.y is None:
             return self.mixture.score(flat, alpha, sigma).reshape(x.shape)
         return self.mixture.component_score(flat, self.y, alpha, sigma).reshape(x.shape)
+
+
+class ExactLogits(struct.PyTreeNode):
+    """logits_fn(x, t) = log p_t(k | x) (batch, K) of a Gaussian mixture perturbed by a process."""
+
+    mixture: GaussianMixture
+    process: object = struct.field(pytree_node=False, default=None)
+
+    def __call__(self, x: Array, t: Array) -> Array:
+        alpha, sigma = self.process.alpha_sigma(t)
+        return self.mixture.log_posterior(x.reshape(x.shape[0], -1), alpha, sigma)
 
 
 def example_mixture(dim: int = 2, seed: int = 0) -> GaussianMixture:

@@ -14,7 +14,10 @@ exact as sigma(t) -> 0 and biased at large noise, where the joint score
 shrinks the unknown part towards its unconditional mean; for a Gaussian the
 measured effect is in `tests/test_conditioning.py`. Colorization is the same
 projection in the coordinates of an orthogonal "decoupling" transform whose
-first channel is the gray level (app. I.3).
+first channel is the gray level (app. I.3). The paper's third kind of
+control, class-conditional sampling with a noise-conditional classifier
+(sec. 5, app. I.1), changes the score rather than the samples: see
+`parametrization.classifier_guided_score_fn`.
 
 The convention every sampler follows (new samplers must follow it too), for
 a projection `project` passed as the sampler option `project=`:
