@@ -113,10 +113,18 @@ def get_config():
 
     # -- training ------------------------------------------------------------------
     config.training = training = ml_collections.ConfigDict()
+    # score: the score network | classifier: a noise-conditional classifier p_t(y | x) for
+    # classifier-guided sampling (the score SDE paper's sec. 5; model.name mlp or unet picks
+    # an MLP or a ResNet classifier; its loss is the cross-entropy on noisy data)
+    training.task = "score"
     training.loss = "dsm"  # ddpm | ncsn | dsm | ssm
     training.weighting = "sigma2"  # dsm: sigma2 | likelihood
-    training.reduce = "mean"  # squared error over dimensions: mean | sum
-    training.t_min = 1e-5  # dsm, ssm: training times t ~ U(t_min, T)
+    # dsm with weighting=likelihood: draw t with density g^2 / sigma^2 and reweight (Song et
+    # al. 2021, maximum likelihood training), a lower-variance estimator of the same loss
+    training.importance_sampling = False
+    # squared error over dimensions: mean | sum (half the sum, the score SDE code's)
+    training.reduce = "mean"
+    training.t_min = 1e-5  # dsm, ssm, classifier: training times t ~ U(t_min, T)
     # Classifier-free guidance: probability that a label is replaced by the null
     # label, so the network also learns the unconditional score (Ho and Salimans
     # use 0.1 or 0.2). Needs model.class_conditional; 0 = always the true label.
@@ -143,7 +151,8 @@ def get_config():
 
     # -- sampling --------------------------------------------------------------------
     config.sampling = sampling = ml_collections.ConfigDict()
-    sampling.method = "pc"  # ancestral | ddim | ald | pc | ode | dpm_solver | edm_heun
+    # ancestral | ddim | ald | pc | ode | dpm_solver | edm_heun | edm_stochastic
+    sampling.method = "pc"
     # pc: none | euler_maruyama | reverse_diffusion | ancestral | ddim
     sampling.predictor = "euler_maruyama"
     sampling.corrector = "none"  # pc: none | langevin | ald
@@ -167,11 +176,22 @@ def get_config():
     # variance-preserving scaling in log sigma, 19 NFE where none needs 29-39 on the
     # example mixtures (samplers.edm_heun).
     sampling.edm_scaling = "none"
+    # edm_stochastic (EDM's Alg. 2; num_steps 0 = 256 levels): its churn settings, the EDM
+    # code's ImageNet-64 ones by default
+    sampling.edm_s_churn = 40.0
+    sampling.edm_s_tmin = 0.05
+    sampling.edm_s_tmax = 50.0
+    sampling.edm_s_noise = 1.003
     # Classifier-free guidance weight w (Ho and Salimans): score (1 + w) s(x, y) - w s(x, null).
     # 0 = plain conditional sampling; > 0 needs training.label_dropout > 0. diffusers'
     # guidance_scale is 1 + w.
     sampling.guidance_weight = 0.0
     sampling.class_label = -1  # class-conditional: every sample's label; -1 = classes in turn
+    # Classifier guidance (the score SDE paper): the work directory of a classifier trained
+    # with training.task=classifier on the same data and process; samples of class
+    # sampling.class_label (or classes in turn) from score + scale * grad log p_t(y | x).
+    sampling.classifier_workdir = ""
+    sampling.classifier_scale = 1.0
     sampling.num_samples = 2_000  # samples written by --mode=sample and the final snapshot
     sampling.batch_size = 2_000  # samples drawn per sampler call (per device)
     sampling.write_png = False  # images: also write every sample as a PNG file

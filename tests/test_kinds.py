@@ -69,6 +69,7 @@ def test_every_choice_key_is_a_table_or_a_library_list():
     # Launcher-only choices: the likelihoods to report, "reference" for each process's own
     # ancestral variance, "auto" for the conditioning the network declares.
     own = {"eval.likelihood", "eval.fid_split", "sampling.variance", "process.conditioning"}
+    own |= {"training.task"}
     assert set(config_lib.CHOICES) == tables | set(config_lib.LIBRARY_CHOICES) | own
     from diffusers_unified.processes import DDPM
     from diffusers_unified.samplers.predictors import VARIANCES

@@ -176,6 +176,7 @@ CHOICES = {
     "model.refinenet": ("ncsnv2", "ncsnv2_deeper", "ncsnv2_deepest"),  # nets.ARCHITECTURES
     "model.up_attention": ("per_level", "per_block"),  # nets.unet.UP_ATTENTION
     "training.loss": tuple(kinds.LOSSES),
+    "training.task": ("score", "classifier"),
     "training.weighting": ("sigma2", "likelihood"),  # losses.WEIGHTINGS
     "training.reduce": ("mean", "sum"),  # losses.REDUCTIONS
     "optim.optimizer": ("adam", "adamw"),  # training.optimizer.OPTIMIZERS
@@ -261,6 +262,8 @@ POSITIVE_FLOATS = (
     "optim.lr",
     "optim.eps",
     "sampling.snr",
+    "sampling.edm_s_noise",
+    "sampling.edm_s_tmax",
     "sampling.step_size",
     "sampling.rtol",
     "sampling.atol",
@@ -334,6 +337,7 @@ def check_values(config, device_count: int | None = None) -> None:
             f"{values['process.name']!r}; use 'ode' (any process) or 'all'"
         )
     _check_conditioning(values)
+    _check_task(values)
     net = kinds.NETS[values["model.name"]]
     if values["model.dtype"] != "float32" and not net.mixed_precision:
         able = sorted(name for name, kind in kinds.NETS.items() if kind.mixed_precision)
@@ -375,6 +379,42 @@ def check_values(config, device_count: int | None = None) -> None:
         )
 
 
+def _check_task(values: dict) -> None:
+    """Classifier training and guidance, importance sampling, EDM's churn: keys that go together."""
+    if values["training.importance_sampling"] and not (
+        values["training.loss"] == "dsm" and values["training.weighting"] == "likelihood"
+    ):
+        raise ConfigError(
+            "training.importance_sampling=True draws t for the likelihood weighting: it needs "
+            f"training.loss='dsm' and training.weighting='likelihood', got "
+            f"{values['training.loss']!r} and {values['training.weighting']!r}"
+        )
+    if values["training.task"] == "classifier":
+        net = kinds.NETS[values["model.name"]]
+        if net.classifier is None:
+            able = sorted(name for name, kind in kinds.NETS.items() if kind.classifier)
+            raise ConfigError(
+                f"training.task='classifier' needs model.name in {', '.join(able)} (an MLP "
+                f"or a ResNet classifier), got {values['model.name']!r}"
+            )
+        if values["model.class_conditional"]:
+            raise ConfigError(
+                "training.task='classifier' trains p_t(y | x): model.class_conditional must be "
+                "False"
+            )
+    if values["sampling.edm_s_churn"] < 0 or values["sampling.edm_s_tmin"] < 0:
+        raise ConfigError("sampling.edm_s_churn and sampling.edm_s_tmin must be >= 0")
+    if values["sampling.classifier_workdir"] and values["model.class_conditional"]:
+        raise ConfigError(
+            "sampling.classifier_workdir guides an unconditional score model with a "
+            "classifier; model.class_conditional=True models use sampling.guidance_weight"
+        )
+    if values["sampling.classifier_workdir"] and values["sampling.classifier_scale"] < 0:
+        raise ConfigError(
+            f"sampling.classifier_scale={values['sampling.classifier_scale']} must be >= 0"
+        )
+
+
 def _check_conditioning(values: dict) -> None:
     """Label dropout and guidance need a class-conditional model (and guidance, dropout)."""
     conditional = values["model.class_conditional"]
@@ -397,10 +437,12 @@ def _check_conditioning(values: dict) -> None:
             f"sampling.class_label={values['sampling.class_label']} must be -1 (classes in "
             "turn) or a label >= 0"
         )
-    if values["sampling.class_label"] >= 0 and not conditional:
+    if values["sampling.class_label"] >= 0 and not (
+        conditional or values["sampling.classifier_workdir"]
+    ):
         raise ConfigError(
             f"sampling.class_label={values['sampling.class_label']} needs "
-            "model.class_conditional=True"
+            "model.class_conditional=True or a guiding classifier (sampling.classifier_workdir)"
         )
 
 

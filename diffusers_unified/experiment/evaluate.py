@@ -37,6 +37,7 @@ from diffusers_unified.experiment.run import Run, build_run, restore
 from diffusers_unified.experiment.sample import (
     SAMPLE_STREAM,
     check_finite_samples,
+    check_samples_a_score_model,
     draw,
     sample_metrics,
 )
@@ -49,6 +50,7 @@ LIKELIHOOD_STREAM = 3_000_017  # keeps dequantisation and probe keys apart from 
 
 def evaluate(config, workdir: str, checkpoint: str = "latest", on_corrupt: str = "raise"):
     """Evaluates one checkpoint; returns the figures (on process 0; None on the others)."""
+    check_samples_a_score_model(config)
     wd = Workdir(workdir)
     run = build_run(config)
     inception_eval.check_config(config, run.dataset)

@@ -88,6 +88,9 @@ class NetKind:
     # CPU a convolutional network's updates are dispatched one compiled call each.
     convolutional: bool = False
     mixed_precision: bool = False  # takes model.dtype (activations in bfloat16 / float16)
+    # training.task=classifier: (the `model` section, num_classes) -> the noise-conditional
+    # classifier of this kind of data, or None if the kind has none
+    classifier: Callable | None = None
 
 
 def _ncsnpp(m, num_classes, centered):
@@ -136,6 +139,13 @@ NETS: dict[str, NetKind] = {
             num_classes=num_classes,
         ),
         data="vector",
+        classifier=lambda m, num_classes: _lib("nets").MLPClassifier(
+            num_classes=num_classes,
+            hidden=tuple(m.hidden),
+            emb_dim=m.emb_dim,
+            embedding=m.embedding,
+            fourier_scale=m.fourier_scale,
+        ),
     ),
     "unet": NetKind(
         lambda m, num_classes, centered: _lib("nets").UNet(
@@ -157,6 +167,16 @@ NETS: dict[str, NetKind] = {
         data="image",
         convolutional=True,
         mixed_precision=True,
+        classifier=lambda m, num_classes: _lib("nets").ResNetClassifier(
+            num_classes=num_classes,
+            ch=m.nf,
+            ch_mult=tuple(m.ch_mult),
+            num_res_blocks=m.num_res_blocks,
+            dropout=m.dropout,
+            embedding=m.embedding,
+            fourier_scale=m.fourier_scale,
+            num_groups=m.num_groups,
+        ),
     ),
     "ncsnpp": NetKind(_ncsnpp, data="image", convolutional=True, mixed_precision=True),
     # NCSNv2 (Song and Ermon 2020): unconditional but for the division by sigma; no labels.
@@ -171,7 +191,13 @@ LOSSES: dict[str, Callable] = {
     "ddpm": lambda t, proc, net, param: _lib("losses").ddpm_loss(proc, net, param, t.reduce),
     "ncsn": lambda t, proc, net, param: _lib("losses").ncsn_loss(proc, net, param, t.reduce),
     "dsm": lambda t, proc, net, param: _lib("losses").dsm_loss(
-        proc, net, param, t.weighting, t.reduce, t.t_min
+        proc,
+        net,
+        param,
+        t.weighting,
+        t.reduce,
+        t.t_min,
+        importance_sampling=t.importance_sampling,
     ),
     "ssm": lambda t, proc, net, param: _lib("losses").sliced_score_matching_loss(
         proc, net, param, t_min=t.t_min
@@ -254,6 +280,18 @@ SAMPLERS: dict[str, SamplerKind] = {
     # num_steps 0 gives their papers' defaults: 20 grid points, 18 levels (35 NFE).
     "dpm_solver": SamplerKind(
         lambda s, n: functools.partial(_lib("samplers").dpm_solver, num_steps=n, denoise=s.denoise)
+    ),
+    "edm_stochastic": SamplerKind(
+        lambda s, n: functools.partial(
+            _lib("samplers").edm_stochastic,
+            **({} if n is None else {"num_steps": n}),
+            S_churn=s.edm_s_churn,
+            S_tmin=s.edm_s_tmin,
+            S_tmax=s.edm_s_tmax,
+            S_noise=s.edm_s_noise,
+            scaling=s.edm_scaling,
+        ),
+        describe=lambda s: f"edm_stochastic (S_churn {s.edm_s_churn:g})",
     ),
     "edm_heun": SamplerKind(
         lambda s, n: functools.partial(

@@ -26,8 +26,12 @@ from diffusers_unified.errors import CheckpointError, ConfigError
 from diffusers_unified.experiment import config as config_lib
 from diffusers_unified.experiment import kinds
 from diffusers_unified.experiment.workdir import Workdir
-from diffusers_unified.nets import NetApply
-from diffusers_unified.parametrization import make_score_fn
+from diffusers_unified.nets import ClassifierApply, NetApply
+from diffusers_unified.parametrization import (
+    classifier_guided_score_fn,
+    make_logits_fn,
+    make_score_fn,
+)
 from diffusers_unified.processes import Process
 from diffusers_unified.training.checkpoints import CheckpointManager
 from diffusers_unified.training.optimizer import make_optimizer
@@ -47,9 +51,9 @@ class Run:
     config: ml_collections.ConfigDict
     dataset: data.Dataset
     process: Process
-    net: NetApply
+    net: NetApply | ClassifierApply
     net_kind: kinds.NetKind
-    sampler: object  # (key, score_fn, process, shape) -> SamplerOutput
+    sampler: object  # (key, score_fn, process, shape) -> SamplerOutput; None for a classifier
     mesh: Mesh
 
     @property
@@ -75,10 +79,22 @@ class Run:
             o.optimizer, o.lr, o.beta1, o.beta2, o.eps, o.weight_decay, o.warmup, o.grad_clip
         )
 
+    @property
+    def is_classifier(self) -> bool:
+        """Whether the run trains a noise-conditional classifier (training.task)."""
+        return self.config.training.task == "classifier"
+
+    @property
+    def uses_labels(self) -> bool:
+        """Whether training batches carry labels: a class-conditional model, or a classifier."""
+        return self.config.model.class_conditional or self.is_classifier
+
     @functools.cached_property
     def loss_fn(self):
         """The config's loss; with training.label_dropout, labels dropped to the null label."""
         t = self.config.training
+        if self.is_classifier:
+            return losses.classifier_loss(self.process, self.net, t.t_min)
         fn = kinds.LOSSES[t.loss](t, self.process, self.net, self.parametrization)
         null_label = getattr(self.net.module, "num_classes", None)
         if t.label_dropout > 0 and null_label is not None:
@@ -90,25 +106,61 @@ class Run:
 
     def init_state(self) -> TrainState:
         key_init, key_train = jax.random.split(jax.random.PRNGKey(self.config.seed))
-        y = jnp.zeros((1,), jnp.int32) if self.config.model.class_conditional else None
-        params = self.net.init(key_init, (1, *self.data_shape), y)
+        if self.is_classifier:
+            params = self.net.init(key_init, (1, *self.data_shape))
+        else:
+            y = jnp.zeros((1,), jnp.int32) if self.config.model.class_conditional else None
+            params = self.net.init(key_init, (1, *self.data_shape), y)
         return TrainState.create(params, self.optimizer, jax.random.key_data(key_train))
 
-    def sample(self, key, params, n: int, y=None):
-        """n samples from the config's sampler with `params` (jitted once per n).
-
-        With labels y, guided by sampling.guidance_weight when it is > 0.
-        """
+    def sampling_score_fn(self, params, y=None, classifier_params=None):
+        """The score the sampler follows: labels `y` with classifier-free guidance
+        (sampling.guidance_weight > 0), or classifier guidance with the classifier of
+        sampling.classifier_workdir (`classifier_params`, see `classifier`)."""
+        if self.classifier is not None:
+            net, _ = self.classifier
+            logits = make_logits_fn(self.process, net, classifier_params)
+            scale = self.config.sampling.classifier_scale
+            return classifier_guided_score_fn(self.score_fn(params), logits, y, scale)
         w = self.config.sampling.guidance_weight
-        score_fn = self.score_fn(params, y, w if y is not None and w > 0 else None)
+        return self.score_fn(params, y, w if y is not None and w > 0 else None)
+
+    def sample(self, key, params, n: int, y=None):
+        """n samples from the config's sampler with `params` (jitted once per n)."""
+        classifier_params = None if self.classifier is None else self.classifier[1]
+        score_fn = self.sampling_score_fn(params, y, classifier_params)
         return self.sampler(key, score_fn, self.process, (n, *self.data_shape))
+
+    @functools.cached_property
+    def classifier(self):
+        """(ClassifierApply, EMA params) of sampling.classifier_workdir, or None."""
+        path = self.config.sampling.classifier_workdir
+        if not path:
+            return None
+        wd = Workdir(path)
+        config = wd.saved_config()
+        if config is None or config.training.task != "classifier":
+            raise ConfigError(
+                f"sampling.classifier_workdir={path!r} holds no classifier (a work directory "
+                "trained with training.task='classifier')"
+            )
+        for key in ("process", "data"):
+            if config_lib.to_json(config[key]) != config_lib.to_json(self.config[key]):
+                raise ConfigError(
+                    f"sampling.classifier_workdir={path!r} was trained with another {key} "
+                    f"section than this run's; a classifier guides the process and data it "
+                    "was trained on"
+                )
+        run = build_run(config)
+        _, state = restore(run, wd)
+        return run.net, state.ema_params
 
     def labels(self, start: int, n: int):
         """Labels of samples start ... start + n - 1: sampling.class_label, or classes in turn.
 
-        None for an unconditional model.
+        None for an unconditional model without classifier guidance.
         """
-        if not self.config.model.class_conditional:
+        if not self.config.model.class_conditional and self.classifier is None:
             return None
         k, label = self.dataset.num_classes, self.config.sampling.class_label
         if label >= k:
@@ -147,11 +199,19 @@ def build_run(config) -> Run:
             f"model.name={config.model.name!r} takes {net_kind.data} data, but dataset "
             f"{ds.name!r} is {ds.kind} data (use model.name in {', '.join(fits)})"
         )
+    mesh = Mesh(np.asarray(jax.devices()), ("data",))
+    if config.training.task == "classifier":
+        if ds.num_classes is None:
+            raise ConfigError(
+                f"training.task='classifier' needs labels, but dataset {ds.name!r} has none"
+            )
+        module = net_kind.classifier(config.model, ds.num_classes)
+        process = build_process(resolved, module)
+        return Run(config, ds, process, ClassifierApply(module), net_kind, None, mesh)
     module = build_network(config, num_classes(config, ds), ds.scaling.centered)
     net = NetApply(module)
     process = build_process(resolved, module)
     sampler = build_sampler(resolved)
-    mesh = Mesh(np.asarray(jax.devices()), ("data",))
     run = Run(config, ds, process, net, net_kind, sampler, mesh)
     _check_sampler(run)
     return run

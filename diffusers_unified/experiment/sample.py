@@ -44,11 +44,9 @@ def sampler_tag(config) -> str:
 def sampler_map(run: Run) -> DeviceMap:
     """The config's sampler on one shard per device: (key data, labels), params -> output."""
     shape = (run.config.sampling.batch_size, *run.data_shape)
-    w = run.config.sampling.guidance_weight
 
-    def one_shard(unit, params):
-        y = unit["y"]
-        score_fn = run.score_fn(params, y, w if y is not None and w > 0 else None)
+    def one_shard(unit, params, classifier_params):
+        score_fn = run.sampling_score_fn(params, unit["y"], classifier_params)
         out = run.sampler(unit["key"], score_fn, run.process, shape)
         return {"samples": out.samples, "nfe": out.nfe}
 
@@ -87,7 +85,8 @@ def draw(run: Run, params, n: int, key, out_dir: str | None = None, seconds=None
             "y": _stack_or_none([run.labels(i * batch, batch) for i in group]),
         }
         start = time.perf_counter()
-        drawn = mapped(units, (params,))
+        classifier_params = None if run.classifier is None else run.classifier[1]
+        drawn = mapped(units, (params, classifier_params))
         if seconds is not None:
             seconds.append(time.perf_counter() - start)
         for j, out in drawn.items():
@@ -116,7 +115,18 @@ def _stack_or_none(arrays):
     return None if arrays[0] is None else np.stack([np.asarray(a) for a in arrays])
 
 
+def check_samples_a_score_model(config) -> None:
+    """Sample and eval modes need a score model, not a classifier (training.task)."""
+    if config.training.task != "score":
+        raise ConfigError(
+            f"training.task={config.training.task!r}: this work directory holds a classifier, "
+            "which guides the samples of a score model (sampling.classifier_workdir) and has "
+            "none of its own"
+        )
+
+
 def sample(config, workdir: str, checkpoint: str = "latest", on_corrupt: str = "raise") -> str:
+    check_samples_a_score_model(config)
     wd = Workdir(workdir)
     run = build_run(config)
     step, state = restore(run, wd, checkpoint, on_corrupt)

@@ -170,13 +170,14 @@ def make_train_chunk(run: Run, traces: list[int] | None = None):
     """
     config = run.config
     dequantize, flip = config.data.uniform_dequantization, config.data.random_flip
-    conditional = config.model.class_conditional
+    conditional = run.uses_labels
     scaling = run.dataset.scaling
     step_fn = make_train_step(
         run.loss_fn,
         run.optimizer,
         config.model.ema_rate,
         skip_nonfinite=config.optim.skip_nonfinite > 0,
+        report=("correct",) if run.is_classifier else (),
     )
     traces = [0] if traces is None else traces
     shardings = (run.replicated, run.replicated)
@@ -233,7 +234,7 @@ def batcher(run: Run) -> data.Batcher:
         )
     return data.Batcher(
         x,
-        y if config.model.class_conditional else None,
+        y if run.uses_labels else None,
         config.seed,
         config.training.batch_size,
         process_index=jax.process_index(),
@@ -263,7 +264,7 @@ def _loop(
     batches = batcher(run)
     expected, source = run.expected_data_shape()
     nan_steps = faults.nan_steps()
-    conditional = config.model.class_conditional
+    conditional = run.uses_labels
     traces = [0]
     train_chunk = make_train_chunk(run, traces)
     state = jax.device_put(state, run.replicated)
@@ -272,6 +273,7 @@ def _loop(
     sigterm = _SigtermFlag()
     progress = _progress(int(state.step), t.n_iters)
     window, window_skipped, window_start, updates = [], 0, time.perf_counter(), 0
+    accuracy = []
     validate = config.data.validate_batches
     try:
         while int(state.step) < t.n_iters:
@@ -291,7 +293,9 @@ def _loop(
                         name=run.dataset.name,
                         shape_source=source,
                         num_classes=run.dataset.num_classes if conditional else None,
-                        num_classes_flag="model.class_conditional",
+                        num_classes_flag=(
+                            "training.task" if run.is_classifier else "model.class_conditional"
+                        ),
                     )
             scales = np.array([np.nan if s + 1 in nan_steps else 1.0 for s in steps], np.float32)
             # A host copy: the chunk donates (and so deletes) the state's device buffers.
@@ -301,6 +305,8 @@ def _loop(
             _check_finite(run, state, metrics, first, last_saved, previous, debug_nans)
             skipped = metrics["skipped"].astype(bool)  # skip_nonfinite: not applied
             window.extend(metrics["loss"][~skipped].tolist())
+            if "correct" in metrics:
+                accuracy.extend(metrics["correct"][~skipped].tolist())
             window_skipped += int(skipped.sum())
             updates += k
             progress.update(k)
@@ -319,6 +325,8 @@ def _loop(
                 }
                 if window_skipped:
                     record["skipped_updates"] = window_skipped
+                if accuracy:  # a classifier's training accuracy on its noisy batches
+                    record["accuracy"] = float(np.mean(accuracy))
                 if wd is not None:
                     wd.append_metrics(record)
                 loss = "n/a" if record["loss"] is None else f"{record['loss']:.5f}"
@@ -332,11 +340,12 @@ def _loop(
                     f", {window_skipped} update(s) skipped" if window_skipped else "",
                 )
                 window, window_skipped, window_start = [], 0, time.perf_counter()
+                accuracy = []
             if done % t.checkpoint_freq == 0 or done == t.n_iters:
                 _save(ckpt, state, done)
                 last_saved = done
             due = t.snapshot_freq and (done % t.snapshot_freq == 0 or done == t.n_iters)
-            if due and wd is not None:
+            if due and wd is not None and not run.is_classifier:  # a classifier draws nothing
                 snapshot(run, wd, state, done)
             if _any_process(sigterm.raised):  # every process stops after the same update
                 if last_saved != done:
@@ -482,7 +491,7 @@ def _debug_nans(run: Run, state: TrainState, bad_step: int) -> str:
     config, d = run.config, run.config.data
     step_fn = make_train_step(run.loss_fn, run.optimizer, config.model.ema_rate)
     x, y = run.dataset.split("train")
-    y = y if config.model.class_conditional else None
+    y = y if run.uses_labels else None
     whole = data.Batcher(x, y, config.seed, config.training.batch_size)  # every row, here
     nan_steps = faults.nan_steps()
     state = jax.device_get(state)

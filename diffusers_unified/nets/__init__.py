@@ -12,6 +12,7 @@ variant of Inception-v3, for the metrics.
 """
 
 from diffusers_unified.nets.apply import NetApply, count_params
+from diffusers_unified.nets.classifier import ClassifierApply, MLPClassifier, ResNetClassifier
 from diffusers_unified.nets.embeddings import (
     ACTIVATIONS,
     EMBEDDINGS,
@@ -30,14 +31,17 @@ from diffusers_unified.nets.unet import UNet
 __all__ = [
     "ACTIVATIONS",
     "ARCHITECTURES",
+    "ClassifierApply",
     "EMBEDDINGS",
     "MLP",
+    "MLPClassifier",
     "GaussianFourierProjection",
     "InceptionV3",
     "NCSNpp",
     "NetApply",
     "NoiseEmbedding",
     "RefineNet",
+    "ResNetClassifier",
     "UNet",
     "count_params",
     "get_act",

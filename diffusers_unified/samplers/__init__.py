@@ -11,8 +11,8 @@ from diffusers_unified.samplers.conditioning import (
     colorization,
     inpainting,
 )
-from diffusers_unified.samplers.fast import dpm_solver, edm_heun
-from diffusers_unified.samplers.ode import probability_flow
+from diffusers_unified.samplers.fast import dpm_solver, edm_heun, edm_stochastic
+from diffusers_unified.samplers.ode import Encoding, decode, encode, probability_flow
 from diffusers_unified.samplers.pc import (
     DDIM,
     Ancestral,
@@ -31,6 +31,7 @@ from diffusers_unified.samplers.pc import (
 
 __all__ = [
     "DDIM",
+    "Encoding",
     "Ancestral",
     "AnnealedLangevin",
     "EulerMaruyama",
@@ -45,8 +46,11 @@ __all__ = [
     "annealed_langevin",
     "colorization",
     "ddim",
+    "decode",
     "dpm_solver",
     "edm_heun",
+    "edm_stochastic",
+    "encode",
     "inpainting",
     "predictor_corrector",
     "probability_flow",

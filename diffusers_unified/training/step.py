@@ -17,6 +17,7 @@ def make_train_step(
     optimizer: optax.GradientTransformation,
     ema_rate: float,
     skip_nonfinite: bool = False,
+    report: tuple[str, ...] = (),
 ) -> Callable[[TrainState, Batch, Array], tuple[TrainState, dict[str, Array]]]:
     """`step(state, batch, loss_scale) -> (state, metrics)`.
 
@@ -26,17 +27,18 @@ def make_train_step(
     dropped (parameters, EMA and optimiser state unchanged, the step counter
     advanced, `nonfinite_skips` counted), in the manner of
     `optax.apply_if_finite`; the caller decides when to give up. Metrics:
-    loss, grad_norm and skipped (0 or 1).
+    loss, grad_norm and skipped (0 or 1), and the batch mean of each entry of
+    the loss's aux named in `report` (e.g. a classifier's "correct").
     """
 
     def step(state: TrainState, batch: Batch, loss_scale: Array):
         key = jax.random.fold_in(state.key, state.step)
 
         def objective(params):
-            loss, _ = loss_fn(params, key, batch)
-            return loss * loss_scale
+            loss, aux = loss_fn(params, key, batch)
+            return loss * loss_scale, {name: jnp.mean(aux[name]) for name in report}
 
-        loss, grads = jax.value_and_grad(objective)(state.params)
+        (loss, reported), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
         grad_norm = optax.global_norm(grads)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
@@ -55,6 +57,6 @@ def make_train_step(
                 opt_state=keep(new.opt_state, state.opt_state),
                 nonfinite_skips=jnp.where(finite, 0, state.nonfinite_skips + 1),
             )
-        return new, {"loss": loss, "grad_norm": grad_norm, "skipped": skipped}
+        return new, {"loss": loss, "grad_norm": grad_norm, "skipped": skipped, **reported}
 
     return step
