@@ -19,7 +19,6 @@ from diffusers_unified.data.batching import (
     epoch_permutation,
     eval_batches,
     flip_key,
-    gather,
     to_model_batch,
 )
 from diffusers_unified.data.cifar import cifar_dataset
@@ -66,7 +65,6 @@ __all__ = [
     "exact_mixture",
     "flip_key",
     "example_mixture",
-    "gather",
     "hf_dataset",
     "image_folder_dataset",
     "npz_dataset",

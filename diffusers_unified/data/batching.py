@@ -71,11 +71,6 @@ def batch_indices(seed, step, n: int, batch_size: int) -> Array:
     return perms[offsets // n, offsets % n]
 
 
-def gather(arrays: DataArrays, idx: Array, key=None) -> dict:
-    """{'x': model inputs, 'y': labels or None} of the examples `idx` (dequantised with `key`)."""
-    return _gather(arrays, idx, key)
-
-
 def dequantize_key(seed, step) -> Array:
     """The key of batch `step`'s dequantisation noise (shared by `batch` and `Batcher`)."""
     return jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(seed), _DEQUANT_STREAM), step)

@@ -37,6 +37,7 @@ from jax.sharding import PartitionSpec as P
 from diffusers_unified import data, errors, faults
 from diffusers_unified.errors import CheckpointError, ConfigError, NonFiniteError, Preempted
 from diffusers_unified.experiment import config as config_lib
+from diffusers_unified.experiment import devices
 from diffusers_unified.experiment.run import Run, build_run, host_copy
 from diffusers_unified.experiment.sample import snapshot
 from diffusers_unified.experiment.workdir import Workdir
@@ -347,7 +348,7 @@ def _loop(
             due = t.snapshot_freq and (done % t.snapshot_freq == 0 or done == t.n_iters)
             if due and wd is not None and not run.is_classifier:  # a classifier draws nothing
                 snapshot(run, wd, state, done)
-            if _any_process(sigterm.raised):  # every process stops after the same update
+            if devices.any_process(sigterm.raised):  # every process stops after the same update
                 if last_saved != done:
                     _save(ckpt, state, done)
                 if ckpt is not None:
@@ -423,13 +424,6 @@ def _share_outcome(error: BaseException | None) -> None:
     if code and not _is_primary():
         cls = _EXIT_CODE_ERRORS.get(code, errors.DiffusersUnifiedError)
         raise cls(f"process 0 failed (exit code {code}); its log says why")
-
-
-def _any_process(flag: bool) -> bool:
-    """Whether `flag` holds on any process (a collective where there are several)."""
-    if jax.process_count() == 1:
-        return flag
-    return bool(np.any(multihost_utils.process_allgather(np.int32(flag))))
 
 
 def _dump_state(state: TrainState) -> None:
