@@ -13,7 +13,10 @@ noise levels between them, and the ODE lands at 3.4x the floor), and
 NCSNv2's EMA of rate 0.999 (its technique 5; with the others' 0.99,
 annealed Langevin lands at 1.5-2.1x the floor over three sampling keys at any
 step size from 1e-5 to 2e-5, with 0.999 at 1.0-1.3x, while the
-probability-flow ODE of either network is at 1.2-1.4x). The VE SDE samples
+probability-flow ODE of either network is at 1.2-1.4x; at the NCSN code's
+step, 4e-5 in the paper's notation and now the default, 1.29x with the
+quickstart's key). DDPM's ancestral sampler uses the DDPM code's CIFAR-10
+variance, beta ("large"; 1.55x here). The VE SDE samples
 with the reverse-diffusion predictor alone (the score SDE paper's "P1000"):
 its Langevin corrector at snr 0.16 reaches 6-10x the floor here, an effect
 studied in experiments/studies/langevin_snr.py.
