@@ -50,10 +50,6 @@ class DeviceMap:
                 body, mesh=mesh, in_specs=(P("data"), P()), out_specs=P("data"), check_vma=False
             )
         )
-        # Mesh position of each of this process's devices.
-        self._mine = [
-            i for i, d in enumerate(mesh.devices.flat) if d.process_index == jax.process_index()
-        ]
 
     def __call__(self, per_unit, shared=(), *, everywhere: bool = False) -> dict[int, object]:
         n = len(jax.tree.leaves(per_unit)[0])
@@ -77,21 +73,21 @@ class DeviceMap:
                 out = multihost_utils.process_allgather(out, tiled=True)
             out = jax.tree.map(np.asarray, out)
             return {j: jax.tree.map(lambda a, j=j: a[j], out) for j in range(n)}
-        results = {}
-        for leaf_path, leaf in jax.tree_util.tree_flatten_with_path(out)[0]:
-            for shard in leaf.addressable_shards:
-                j = shard.index[0].start or 0  # slice(None) when the mesh has one device
-                if j < n:
-                    results.setdefault(j, {})[leaf_path] = np.asarray(shard.data)[0]
-        treedef = jax.tree.structure(out)
+        leaves, treedef = jax.tree.flatten(out)
+        # Unit j ran on the device at mesh position j; this process holds its own devices'.
+        mine = [shard.index[0].start or 0 for shard in leaves[0].addressable_shards]
+        per_leaf = [
+            {
+                shard.index[0].start or 0: np.asarray(shard.data)[0]
+                for shard in leaf.addressable_shards
+            }
+            for leaf in leaves
+        ]  # (`start` is None when the mesh has a single device)
         return {
-            j: jax.tree_util.tree_unflatten(treedef, [parts[p] for p, _ in _paths(out)])
-            for j, parts in sorted(results.items())
+            j: jax.tree.unflatten(treedef, [values[j] for values in per_leaf])
+            for j in sorted(mine)
+            if j < n
         }
-
-
-def _paths(tree):
-    return jax.tree_util.tree_flatten_with_path(tree)[0]
 
 
 def any_process(flag: bool) -> bool:
