@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from diffusers_unified.errors import ConfigError
 from diffusers_unified.typing import Array, Params
 
 ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
@@ -56,6 +57,25 @@ def check_embedding(name: str) -> str:
 def check_noise_cond(noise_cond: Array) -> None:
     if jnp.ndim(noise_cond) > 1:
         raise ValueError(f"noise_cond has shape {jnp.shape(noise_cond)}; expected (batch,) or ()")
+
+
+def check_image_inputs(
+    network: str, x: Array, noise_cond: Array, factor: int, factor_source: str
+) -> None:
+    """The checks every image network makes of its inputs, with messages that name it.
+
+    NHWC images whose height and width the network's downsampling `factor`
+    divides (`factor_source` says which setting gives it), and a `(batch,)`
+    or `()` noise level.
+    """
+    if x.ndim != 4:
+        raise ValueError(f"{network} takes NHWC images, got an input of shape {x.shape}")
+    if x.shape[1] % factor or x.shape[2] % factor:
+        raise ConfigError(
+            f"{network}: image size {x.shape[1]}x{x.shape[2]} is not divisible by {factor}, the "
+            f"downsampling factor of {factor_source}"
+        )
+    check_noise_cond(noise_cond)
 
 
 def sinusoidal_embedding(cond: Array, dim: int, max_positions: int = 10000) -> Array:

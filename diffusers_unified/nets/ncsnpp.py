@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from diffusers_unified.errors import ConfigError
-from diffusers_unified.nets.embeddings import check_noise_cond, get_act, sinusoidal_embedding
+from diffusers_unified.nets.embeddings import check_image_inputs, get_act, sinusoidal_embedding
 from diffusers_unified.nets.layerspp import (
     AttnBlock,
     Combine,
@@ -292,14 +292,7 @@ class NCSNpp(nn.Module):
         return temb
 
     def _check_inputs(self, x: Array, noise_cond: Array, y: Array | None) -> None:
-        if x.ndim != 4:
-            raise ValueError(f"NCSNpp takes NHWC images, got an input of shape {x.shape}")
-        factor = 2 ** (len(self.ch_mult) - 1)
-        if x.shape[1] % factor or x.shape[2] % factor:
-            raise ConfigError(
-                f"NCSNpp: image size {x.shape[1]}x{x.shape[2]} is not divisible by {factor}, "
-                f"the downsampling factor of ch_mult={self.ch_mult}"
-            )
-        check_noise_cond(noise_cond)
+        factor, source = 2 ** (len(self.ch_mult) - 1), f"ch_mult={self.ch_mult}"
+        check_image_inputs("NCSNpp", x, noise_cond, factor, source)
         if y is not None and self.num_classes is None:
             raise ValueError("labels y were given to an NCSNpp with num_classes=None")

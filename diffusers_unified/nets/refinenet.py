@@ -33,7 +33,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from diffusers_unified.errors import ConfigError
-from diffusers_unified.nets.embeddings import check_noise_cond, get_act
+from diffusers_unified.nets.embeddings import check_image_inputs, get_act
 from diffusers_unified.nets.layerspp import activation_dtype
 from diffusers_unified.nets.refinenet_layers import (
     InstanceNorm2dPlus,
@@ -185,14 +185,7 @@ class RefineNet(nn.Module):
         return h
 
     def _check_inputs(self, x: Array, noise_cond: Array, y: Array | None) -> None:
-        if x.ndim != 4:
-            raise ValueError(f"RefineNet takes NHWC images, got an input of shape {x.shape}")
         factor = 2 ** sum(1 for d in self.dilations[1:] if d == 1)
-        if x.shape[1] % factor or x.shape[2] % factor:
-            raise ConfigError(
-                f"RefineNet: image size {x.shape[1]}x{x.shape[2]} is not divisible by {factor}, "
-                f"the downsampling factor of dilations={self.dilations}"
-            )
-        check_noise_cond(noise_cond)
+        check_image_inputs("RefineNet", x, noise_cond, factor, f"dilations={self.dilations}")
         if y is not None:
             raise ValueError("RefineNet takes no labels y (NCSNv2 is unconditional)")

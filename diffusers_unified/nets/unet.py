@@ -25,7 +25,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from diffusers_unified.nets.embeddings import NoiseEmbedding, check_noise_cond, ddpm_init, get_act
+from diffusers_unified.nets.embeddings import NoiseEmbedding, check_image_inputs, ddpm_init, get_act
 from diffusers_unified.typing import Array
 
 # Where the upsampling path applies self-attention (see `UNet`), and the activation dtypes.
@@ -300,15 +300,8 @@ class UNet(nn.Module):
         return conv3x3(x.shape[-1], init_scale=0.0, dtype=dtype)(h).astype(jnp.float32)
 
     def _check_inputs(self, x: Array, noise_cond: Array, y: Array | None) -> None:
-        if x.ndim != 4:
-            raise ValueError(f"UNet takes NHWC images, got an input of shape {x.shape}")
-        factor = 2 ** (len(self.ch_mult) - 1)
-        if x.shape[1] % factor or x.shape[2] % factor:
-            raise ValueError(
-                f"image size {x.shape[1]}x{x.shape[2]} is not divisible by {factor}, the "
-                f"downsampling factor of ch_mult={self.ch_mult}"
-            )
-        check_noise_cond(noise_cond)
+        factor, source = 2 ** (len(self.ch_mult) - 1), f"ch_mult={self.ch_mult}"
+        check_image_inputs("UNet", x, noise_cond, factor, source)
         if y is not None and self.num_classes is None:
             raise ValueError("labels y were given to a UNet with num_classes=None")
         if not 0.0 <= self.dropout < 1.0:
