@@ -30,12 +30,7 @@ class NetApply:
     module: nn.Module
 
     def __post_init__(self):
-        try:
-            hash(self.module)
-        except TypeError as err:
-            raise TypeError(
-                f"NetApply needs a hashable module (use tuples, not lists, for its fields): {err}"
-            ) from err
+        require_hashable(self)
 
     def __call__(
         self,
@@ -58,6 +53,17 @@ class NetApply:
         longer on CPU than compiling the whole of it once.
         """
         return _init(self, key, tuple(x_shape), y)
+
+
+def require_hashable(wrapper) -> None:
+    """A module wrapper is part of jit's cache key: its module must hash (tuples, not lists)."""
+    try:
+        hash(wrapper.module)
+    except TypeError as err:
+        raise TypeError(
+            f"{type(wrapper).__name__} needs a hashable module (use tuples, not lists, for its "
+            f"fields): {err}"
+        ) from err
 
 
 @functools.partial(jax.jit, static_argnums=(0, 2))

@@ -33,6 +33,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from diffusers_unified.nets.apply import require_hashable
 from diffusers_unified.nets.embeddings import (
     NoiseEmbedding,
     check_noise_cond,
@@ -144,13 +145,7 @@ class ClassifierApply:
     module: nn.Module
 
     def __post_init__(self):
-        try:
-            hash(self.module)
-        except TypeError as err:
-            raise TypeError(
-                "ClassifierApply needs a hashable module (use tuples, not lists, for its "
-                f"fields): {err}"
-            ) from err
+        require_hashable(self)
 
     def __call__(
         self,
