@@ -66,12 +66,13 @@ flags.DEFINE_bool(
 flags.DEFINE_bool("strict_disk", False, "Fail (exit 5) if the checkpoints may not fit on disk.")
 
 
-def _config_path(argv: list[str]) -> str | None:
+def _config_arg(argv: list[str]) -> tuple[int, int] | None:
+    """(index in argv, index of its value) of the --config flag, or None."""
     for i, arg in enumerate(argv):
         if arg.startswith("--config="):
-            return arg.split("=", 1)[1]
+            return i, i
         if arg == "--config" and i + 1 < len(argv):
-            return argv[i + 1]
+            return i, i + 1
     return None
 
 
@@ -80,15 +81,22 @@ def parse_flags(argv: list[str]) -> list[str]:
 
     Runs before JAX is initialised and before anything is written: unknown
     keys, wrong types and bad flag values exit with code 2 and a message.
+    `--config` may name a shipped config (`cifar10/ddpm`) instead of a path:
+    it is replaced by the file's path before ml_collections reads it.
     """
     try:
-        path = _config_path(argv)
-        if path is not None:
+        found = _config_arg(argv)
+        if found is not None:
+            flag, at = found
+            value = argv[at].split("=", 1)[1] if flag == at else argv[at]
             # config_flags calls get_config(arg) for `--config=file.py:arg`; check that config.
-            file, sep, arg = path.partition(":")
+            file, sep, arg = value.partition(":")
+            file = config_lib.resolve_config_path(file)
+            argv = list(argv)
+            argv[at] = f"--config={file}{sep}{arg}" if flag == at else f"{file}{sep}{arg}"
             module = config_lib.load_module(file)
             loaded = module.get_config(arg) if sep else module.get_config()
-            config_lib.check_against_schema(loaded, source=path)
+            config_lib.check_against_schema(loaded, source=value)
             config_lib.check_overrides(argv, loaded)
         else:
             # Without --config, sample and eval start from the work directory's

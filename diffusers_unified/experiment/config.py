@@ -1,5 +1,8 @@
 """Loading and checking configs: the schema is `configs/default.py`, and nothing else is read.
 
+The config files themselves (the shipped ones, found by name, and any by path)
+are loaded by `config_files`.
+
 Every check here runs before JAX computes anything or the work directory is
 touched, and fails with a `ConfigError` (exit code 2) that names the key, what
 was expected and what was given.
@@ -7,11 +10,8 @@ was expected and what was given.
 
 from __future__ import annotations
 
-import difflib
-import importlib.util
 import json
 import os
-import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -19,28 +19,13 @@ import ml_collections
 
 from diffusers_unified.errors import CheckpointError, ConfigError
 from diffusers_unified.experiment import kinds
-
-CONFIGS_DIR = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "configs"))
-# Config files import their defaults as `configs.<module>` (the score SDE code's
-# convention), so the repository root must be importable.
-if os.path.dirname(CONFIGS_DIR) not in sys.path:
-    sys.path.insert(0, os.path.dirname(CONFIGS_DIR))
-
-
-def load_module(path: str):
-    """Imports a config file (its directory's parent on the path, as config_flags does)."""
-    path = os.path.abspath(path)
-    if not os.path.isfile(path):
-        raise ConfigError(f"config file {path} does not exist")
-    spec = importlib.util.spec_from_file_location(f"_du_config_{abs(hash(path))}", path)
-    module = importlib.util.module_from_spec(spec)
-    try:
-        spec.loader.exec_module(module)
-    except Exception as e:  # noqa: BLE001  any error in user code is a config error
-        raise ConfigError(f"config file {path} failed to load: {type(e).__name__}: {e}") from e
-    if not hasattr(module, "get_config"):
-        raise ConfigError(f"config file {path} defines no get_config()")
-    return module
+from diffusers_unified.experiment.config_files import (  # noqa: F401  (re-exported)
+    CONFIGS_DIR,
+    did_you_mean,
+    load_module,
+    resolve_config_path,
+    shipped_configs,
+)
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -56,11 +41,6 @@ def flatten(config, prefix: str = "") -> Iterator[tuple[str, Any]]:
             yield from flatten(value, name + ".")
         else:
             yield name, value
-
-
-def did_you_mean(key: str, valid) -> str:
-    close = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.6)
-    return f" Did you mean '{close[0]}'?" if close else ""
 
 
 def unknown_key_error(key: str, schema_keys, where: str = "") -> ConfigError:
