@@ -136,6 +136,9 @@ def get_config():
     training.checkpoint_freq = 1_000  # checkpoint every checkpoint_freq updates (and at the end)
     training.snapshot_freq = 0  # sample figure every snapshot_freq updates and at the end; 0: none
     training.keep = 3  # committed checkpoints kept (the newest, by step number)
+    # Held-out loss (the training loss of the EMA parameters on a test batch, as the score
+    # SDE code's eval_loss) after the chunk of updates that reaches a multiple of this; 0: none.
+    training.eval_freq = 100
 
     # -- optimiser -------------------------------------------------------------------
     config.optim = optim = ml_collections.ConfigDict()
@@ -221,6 +224,15 @@ def get_config():
     evaluate.inception_batch = 200  # images per Inception call (per device)
     evaluate.kid_reference = 10_000  # reference images whose features KID uses
     evaluate.is_splits = 10  # Inception Score splits (improved-GAN; TF-GAN's is 1)
+
+    # -- logging (metrics.jsonl is always written) --------------------------------------
+    config.logging = logging = ml_collections.ConfigDict()
+    # TensorBoard event files under <workdir>/tensorboard/ (needs tensorboardX, the
+    # `tensorboard` extra; without it, a note and metrics.jsonl only).
+    logging.tensorboard = True
+    logging.wandb = False  # Weights & Biases (needs wandb; WANDB_MODE=offline keeps it local)
+    logging.wandb_project = "diffusers_unified"
+    logging.wandb_entity = ""  # "" = wandb's default entity
 
     # -- several hosts ------------------------------------------------------------------
     config.distributed = distributed = ml_collections.ConfigDict()

@@ -18,6 +18,7 @@ from ml_collections import config_flags
 
 from diffusers_unified.errors import ConfigError, DiffusersUnifiedError
 from diffusers_unified.experiment import config as config_lib
+from diffusers_unified.experiment import writers
 
 logger = logging.getLogger("diffusers_unified")
 
@@ -44,7 +45,31 @@ flags.DEFINE_enum(
     ["auto", "required"],
     "train: resume from the newest checkpoint if any (auto), or insist on one.",
 )
-flags.DEFINE_string("checkpoint", "latest", "sample/eval: 'latest' or a step number.")
+flags.DEFINE_string(
+    "checkpoint",
+    "latest",
+    "sample: 'latest' or a step. eval: also every committed checkpoint in a range, "
+    "'BEGIN:END' (both included; 'BEGIN:' ends at training.n_iters), or 'all'.",
+)
+flags.DEFINE_float(
+    "wait_for_checkpoints",
+    0.0,
+    "eval: wait up to this many seconds for a checkpoint that is not there yet (a training "
+    "run writing it), polling; 0: a missing checkpoint is an error at once (exit 5).",
+)
+flags.DEFINE_bool(
+    "force_unlock",
+    False,
+    "Take the work directory's lock even if another process holds it (only when that "
+    "process is dead: a lock of a dead process on this host is broken without asking).",
+)
+flags.DEFINE_enum(
+    "log_level",
+    "info",
+    ["debug", "info", "warning", "error"],
+    "Messages shown on stderr (log.txt keeps info and above); above info also hides the "
+    "progress bars.",
+)
 flags.DEFINE_bool(
     "allow_config_change", False, "Resume or sample even if model, data or process keys changed."
 )
@@ -115,11 +140,16 @@ def _fail(message: str, code: int):
     sys.exit(code)
 
 
-def _setup_logging() -> None:
+def _setup_logging(level: str = "info") -> None:
+    from diffusers_unified.experiment import progress
+
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+    handler.setLevel(getattr(logging, level.upper()))
     logger.handlers = [h for h in logger.handlers if h.get_name() == "du-workdir"] + [handler]
-    logger.setLevel(logging.INFO)
+    # The logger passes info on to log.txt whatever stderr shows; debug only when asked.
+    logger.setLevel(logging.DEBUG if level == "debug" else logging.INFO)
+    progress.set_quiet(level not in ("debug", "info"))
     logger.propagate = False
     logging.getLogger("absl").setLevel(logging.WARNING)  # orbax logs every save at INFO
 
@@ -139,9 +169,9 @@ def resolve_config(workdir: str):
     saved = Workdir(workdir).saved_config()
     if saved is None:
         raise ConfigError(f"no --config given and no config.json in {workdir}")
-    if "distributed" in saved:
-        # How the training run's processes met; this run is on its own unless --config says.
-        saved.distributed.enabled = False
+    saved = config_lib.fill_missing(saved, f"{workdir}/config.json")
+    # How the training run's processes met; this run is on its own unless --config says.
+    saved.distributed.enabled = False
     return config_lib.apply_overrides(saved, _WORKDIR_OVERRIDES, source=f"{workdir}/config.json")
 
 
@@ -167,11 +197,12 @@ def main(argv) -> None:
         _fail(f"unexpected arguments: {' '.join(argv[1:])}", 2)
     if not FLAGS.workdir and FLAGS.mode != "describe":
         _fail("--workdir is required", 2)
-    _setup_logging()
+    _setup_logging(FLAGS.log_level)
     try:
         config = resolve_config(FLAGS.workdir)
         config_lib.check_against_schema(config)
         config_lib.check_values(config)  # every rule but the device count's, before JAX starts
+        writers.check_available(config)
         initialise_distributed(config)
         import jax
 
@@ -207,16 +238,27 @@ def _dispatch(config) -> None:
             validate_all=FLAGS.validate_data == "all",
             debug_nans=FLAGS.debug_nans,
             strict_disk=FLAGS.strict_disk,
+            force_unlock=FLAGS.force_unlock,
         )
         return
     saved = Workdir(FLAGS.workdir).saved_config()
     if saved is not None and FLAGS.config is not None:
         config_lib.check_resume_compatible(saved, config, FLAGS.allow_config_change)
+    common = dict(checkpoint=FLAGS.checkpoint, on_corrupt=FLAGS.on_corrupt)
     if FLAGS.mode == "sample":
-        from diffusers_unified.experiment.sample import sample as fn
+        from diffusers_unified.experiment.sample import sample
+
+        sample(config, FLAGS.workdir, force_unlock=FLAGS.force_unlock, **common)
     else:
-        from diffusers_unified.experiment.evaluate import evaluate as fn
-    fn(config, FLAGS.workdir, checkpoint=FLAGS.checkpoint, on_corrupt=FLAGS.on_corrupt)
+        from diffusers_unified.experiment.evaluate import evaluate
+
+        evaluate(
+            config,
+            FLAGS.workdir,
+            wait=FLAGS.wait_for_checkpoints,
+            force_unlock=FLAGS.force_unlock,
+            **common,
+        )
 
 
 def run() -> None:

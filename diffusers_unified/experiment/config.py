@@ -11,6 +11,7 @@ was expected and what was given.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Iterator
 from typing import Any
@@ -26,6 +27,8 @@ from diffusers_unified.experiment.config_files import (  # noqa: F401  (re-expor
     resolve_config_path,
     shipped_configs,
 )
+
+logger = logging.getLogger("diffusers_unified")
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -225,6 +228,7 @@ NON_NEGATIVE_INTS = (
     "data.crop_size",
     "data.max_examples",
     "training.snapshot_freq",
+    "training.eval_freq",
     "optim.warmup",
     "optim.skip_nonfinite",
     "sampling.num_steps",
@@ -437,7 +441,9 @@ RESUMABLE_CHANGES = (
     "training.checkpoint_freq",
     "training.snapshot_freq",
     "training.keep",
+    "training.eval_freq",
     "data.validate_batches",
+    "logging.",
     "sampling.",
     "eval.",
     "distributed.",
@@ -446,6 +452,26 @@ RESUMABLE_CHANGES = (
 
 def to_json(config) -> str:
     return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=list)
+
+
+def fill_missing(saved, source: str):
+    """A saved config (a work directory's config.json) with the keys added to the schema since
+    it was written set to their defaults, and a note naming them."""
+    defaults = dict(flatten(default_config()))
+    missing = sorted(set(defaults) - {k for k, _ in flatten(saved)})
+    if not missing:
+        return saved
+    logger.info("%s predates config keys %s: using their defaults", source, ", ".join(missing))
+    config = ml_collections.ConfigDict(saved.to_dict())
+    for key in missing:
+        node = config
+        *parents, leaf = key.split(".")
+        for part in parents:
+            if part not in node:
+                node[part] = ml_collections.ConfigDict()
+            node = node[part]
+        node[leaf] = defaults[key]
+    return config
 
 
 def from_json(text: str) -> ml_collections.ConfigDict:

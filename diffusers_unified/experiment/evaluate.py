@@ -19,21 +19,25 @@ of the same examples is reported next to the model's.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
 import logging
+import math
 import os
+import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from diffusers_unified import faults, likelihood, metrics
-from diffusers_unified.experiment import devices, inception_eval, kinds
+from diffusers_unified.errors import CheckpointError, ConfigError
+from diffusers_unified.experiment import devices, inception_eval, kinds, progress, writers
 from diffusers_unified.experiment.devices import DeviceMap
 from diffusers_unified.experiment.figures import save_npz
-from diffusers_unified.experiment.run import Run, build_run, restore
+from diffusers_unified.experiment.run import ReadOnlyCheckpoints, Run, build_run, restore
 from diffusers_unified.experiment.sample import (
     SAMPLE_STREAM,
     check_finite_samples,
@@ -48,16 +52,203 @@ logger = logging.getLogger("diffusers_unified")
 LIKELIHOOD_STREAM = 3_000_017  # keeps dequantisation and probe keys apart from sampling keys
 
 
-def evaluate(config, workdir: str, checkpoint: str = "latest", on_corrupt: str = "raise"):
-    """Evaluates one checkpoint; returns the figures (on process 0; None on the others)."""
+def evaluate(
+    config,
+    workdir: str,
+    checkpoint: str = "latest",
+    on_corrupt: str = "raise",
+    wait: float = 0.0,
+    force_unlock: bool = False,
+):
+    """Evaluates the checkpoints `checkpoint` selects (`Selection.parse`); returns the figures
+    of the last one evaluated (on process 0; None on the others).
+
+    A checkpoint that is not there yet is an error (exit 5) at once, or with
+    `wait` > 0 seconds, awaited (a training run may be writing it): the
+    launcher polls and gives up after `wait` seconds without a new
+    checkpoint. In a range, a checkpoint whose eval/step_<k>.json was
+    written with the same settings is not evaluated again, so a killed
+    range evaluation resumes where it stopped (and within a checkpoint,
+    from its finished parts). Process 0 holds <workdir>/eval/.lock.
+    """
     check_samples_a_score_model(config)
     wd = Workdir(workdir)
     run = build_run(config)
     inception_eval.check_config(config, run.dataset)
-    step, state = restore(run, wd, checkpoint, on_corrupt)
+    selection = Selection.parse(checkpoint, config.training.n_iters)
     primary = jax.process_index() == 0
-    if primary:
-        wd.start_logging("eval", None)
+    steps = _agreed(_steps(ReadOnlyCheckpoints(wd.checkpoints), selection, wait))
+    step = next(steps, None)  # a missing checkpoint fails here, before anything is written
+    lock = wd.lock(force=force_unlock, where=wd.eval) if primary else None
+    log = writers.open_writer(config, wd, "eval") if primary else writers.Writer([], "eval")
+    result = None
+    try:
+        if primary:
+            wd.start_logging("eval", None)
+        tag = _eval_tag(config)
+        while step is not None:
+            done = _read_result(wd, step)
+            if selection.skips_done and done is not None and done.get("eval_tag") == tag:
+                logger.info("checkpoint %d already evaluated (%s); skipped", step, done["path"])
+            else:
+                result = _evaluate_step(run, wd, step, on_corrupt, tag, selection.single)
+                if result is not None:
+                    log.scalars(step, result)
+            step = next(steps, None)
+    finally:
+        log.close()
+        if lock is not None:
+            lock.release()
+    return result
+
+
+@dataclasses.dataclass(frozen=True)
+class Selection:
+    """Which checkpoints --mode=eval evaluates: `--checkpoint` parsed.
+
+    'latest' (the newest committed), 'N' (step N), 'BEGIN:END' (every
+    committed step in [BEGIN, END]; END must appear; 'BEGIN:' ends at
+    training.n_iters, ':END' begins at 0) or 'all' (every committed step
+    now there; nothing awaited).
+    """
+
+    begin: int = 0
+    end: int | None = None  # the step that must appear; None: none
+    latest: bool = False
+    single: bool = False
+
+    @property
+    def skips_done(self) -> bool:
+        """Ranges skip the checkpoints they already evaluated; one checkpoint is redone."""
+        return not (self.single or self.latest)
+
+    @classmethod
+    def parse(cls, text: str, n_iters: int) -> Selection:
+        text = text.strip()
+        try:
+            if text == "latest":
+                return cls(latest=True)
+            if text == "all":
+                return cls()
+            if ":" in text:
+                a, b = text.split(":", 1)
+                begin, end = int(a) if a else 0, int(b) if b else n_iters
+                if 0 <= begin <= end:
+                    return cls(begin, end)
+            elif int(text) >= 0:
+                return cls(int(text), int(text), single=True)
+        except ValueError:
+            pass
+        raise ConfigError(
+            f"--checkpoint={text!r}: expected 'latest', a step, a range 'BEGIN:END' (BEGIN <= "
+            "END; either may be left out) or 'all'"
+        )
+
+
+def _steps(checkpoints, selection: Selection, wait: float):
+    """Yields the committed steps to evaluate, in increasing order, each once (process 0).
+
+    Ends once the selection's last step (`end`; for 'latest' and 'all', the
+    first batch of steps found) has been yielded. What is missing fails at
+    once with `wait` 0, else after `wait` seconds without a new step.
+    """
+    where = checkpoints.directory
+    target = selection.end
+    if target is None:
+        what, missing = "a committed checkpoint", lambda steps: not steps
+    else:
+        what, missing = f"checkpoint {target}", lambda steps: target not in steps
+    committed = checkpoints.all_steps()
+    if missing(committed) and wait <= 0:
+        if target is None:
+            raise CheckpointError(
+                f"no committed checkpoint found in {where}: sampling and evaluation need a "
+                "trained model (train first with --mode=train)"
+            )
+        raise CheckpointError(
+            f"{what} does not exist in {where} (committed steps: "
+            f"{', '.join(map(str, committed)) or 'none'}); pass --wait_for_checkpoints=SECONDS "
+            "to wait for a training run to write it"
+        )
+    seen: set[int] = set()
+    deadline = None
+    while True:
+        committed = checkpoints.all_steps()
+        if selection.latest:
+            todo = committed[-1:] if not seen else []
+        else:
+            high = math.inf if target is None else target
+            todo = [s for s in committed if selection.begin <= s <= high and s not in seen]
+        if todo:
+            seen.add(todo[0])
+            deadline = None
+            yield todo[0]
+            continue
+        if seen and (target is None or target in seen):
+            return
+        if deadline is None:
+            deadline = time.monotonic() + wait
+            logger.info("waiting up to %g s for %s to appear in %s", wait, what, where)
+        elif time.monotonic() > deadline:
+            raise CheckpointError(
+                f"{what} did not appear within {wait:g} s (waited for it in {where}; "
+                f"committed steps: {', '.join(map(str, committed)) or 'none'})"
+            )
+        time.sleep(min(1.0, wait / 10))
+
+
+def _agreed(steps):
+    """The steps process 0 draws from `steps`, on every process (None ends them)."""
+    if jax.process_count() == 1:
+        yield from steps
+        return
+    from jax.experimental import multihost_utils
+
+    while True:
+        step, error = -1, 0
+        if jax.process_index() == 0:
+            try:
+                step = next(steps, -1)
+            except CheckpointError:
+                error = 1
+                raise
+            finally:
+                multihost_utils.broadcast_one_to_all(np.array([step, error], np.int64))
+        else:
+            step, error = map(int, multihost_utils.broadcast_one_to_all(np.zeros(2, np.int64)))
+            if error:
+                raise CheckpointError("process 0 found no checkpoint to evaluate; its log says why")
+        if step < 0:
+            return
+        yield step
+
+
+def _eval_tag(config) -> str:
+    """A short hash of every setting that decides an eval result (not logging, not training)."""
+    keep = {k: config[k].to_dict() for k in ("data", "process", "model", "sampling", "eval")}
+    text = json.dumps({"seed": config.seed, **keep}, sort_keys=True, default=list)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def _read_result(wd: Workdir, step: int) -> dict | None:
+    path = os.path.join(wd.eval, f"step_{step}.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return {**json.load(f), "path": path}
+
+
+def _evaluate_step(run: Run, wd: Workdir, step: int, on_corrupt: str, tag: str, single: bool):
+    """Evaluates checkpoint `step`; returns the figures (on process 0; None on the others)."""
+    config = run.config
+    try:
+        step, state = restore(run, wd, str(step), on_corrupt)
+    except CheckpointError:
+        if single or step in ReadOnlyCheckpoints(wd.checkpoints).all_steps():
+            raise
+        logger.warning("checkpoint %d was removed before it could be evaluated; skipped", step)
+        return None
+    primary = jax.process_index() == 0
     parts = os.path.join(wd.eval, f"step_{step}_parts")
     os.makedirs(parts, exist_ok=True)
     seed_key = jax.random.PRNGKey(config.seed)
@@ -65,7 +256,15 @@ def evaluate(config, workdir: str, checkpoint: str = "latest", on_corrupt: str =
     # (one unit per device); process 0 then measures and writes.
     key = jax.random.fold_in(seed_key, SAMPLE_STREAM + 1 + step)
     fid = config.eval.fid
-    x, _, nfe = draw(run, state.ema_params, config.eval.num_samples, key, parts, everywhere=fid)
+    x, _, nfe = draw(
+        run,
+        state.ema_params,
+        config.eval.num_samples,
+        key,
+        parts,
+        everywhere=fid,
+        desc=f"eval {step}: samples",
+    )
     if x is not None:
         check_finite_samples(run, x)
     inception = inception_eval.inception_metrics(run, x, parts, wd.eval) if fid else {}
@@ -84,6 +283,7 @@ def evaluate(config, workdir: str, checkpoint: str = "latest", on_corrupt: str =
         **sample_metrics(run, x, config.seed),
         **distribution_metrics(run, x, config.seed),
         **likelihoods,
+        "eval_tag": tag,
     }
     path = os.path.join(wd.eval, f"step_{step}.json")
     atomic_write(path, json.dumps(result, indent=2, sort_keys=True) + "\n")
@@ -235,11 +435,14 @@ def held_out_likelihood(run: Run, params, kind: str, key, parts_dir: str) -> dic
     mapped = DeviceMap(run.mesh, one_batch)
     starts = list(range(0, n, batch))
     results, reused = {}, 0
+    primary = jax.process_index() == 0
+    bar = progress.bar(len(starts), f"likelihood ({kind})", "batch", primary=primary)
     for first in range(0, len(starts), mapped.size):
         group = range(first, min(first + mapped.size, len(starts)))
         on_disk = {i for i in group if os.path.exists(path(i))}
         reused += len(on_disk)
         if not devices.any_process(len(on_disk) < len(group)):
+            bar.update(len(group))
             continue
         index = [np.arange(starts[i], starts[i] + batch) % n for i in group]  # pads by repetition
         keys = [jax.random.split(jax.random.fold_in(key, i)) for i in group]
@@ -257,6 +460,8 @@ def held_out_likelihood(run: Run, params, kind: str, key, parts_dir: str) -> dic
                 save_npz(path(i), **part)
                 faults.after_part_written(faults.KILL_AFTER_EVAL_PARTS)
             results[i] = part
+        bar.update(len(group))
+    bar.close()
     devices.barrier(f"likelihood_{kind}")
     if jax.process_index() != 0:
         return None

@@ -79,6 +79,15 @@ class Run:
             o.optimizer, o.lr, o.beta1, o.beta2, o.eps, o.weight_decay, o.warmup, o.grad_clip
         )
 
+    def learning_rate(self, step: int) -> float:
+        """The learning rate of update `step` (1-based): optim.lr after a linear warmup.
+
+        The optimiser's schedule (`make_optimizer`) counts updates from 0, so
+        update s uses its value at s - 1.
+        """
+        o = self.config.optim
+        return float(o.lr * min(1.0, (step - 1) / o.warmup)) if o.warmup > 0 else float(o.lr)
+
     @property
     def is_classifier(self) -> bool:
         """Whether the run trains a noise-conditional classifier (training.task)."""
@@ -347,9 +356,21 @@ def resolve_auto(config, ds: data.Dataset):
     return resolved
 
 
+class ReadOnlyCheckpoints(CheckpointManager):
+    """A checkpoint manager that never removes a leftover temporary directory.
+
+    For readers (sample, eval, pre-flight checks) of a checkpoint directory
+    that a training run may be writing at the same time: its temporary
+    directories are saves in progress, not the leftovers of a dead save.
+    """
+
+    def cleanup(self) -> list[str]:
+        return []
+
+
 def restore(run: Run, wd: Workdir, checkpoint: str = "latest", on_corrupt: str = "raise"):
     """(step, TrainState) of the requested committed checkpoint; exit 5 if there is none."""
-    ckpt = CheckpointManager(wd.checkpoints)
+    ckpt = ReadOnlyCheckpoints(wd.checkpoints)
     latest = ckpt.latest_step()
     if latest is None:
         raise CheckpointError(
