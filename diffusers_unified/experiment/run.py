@@ -222,7 +222,7 @@ def build_run(config) -> Run:
     process = build_process(resolved, module)
     sampler = build_sampler(resolved)
     run = Run(config, ds, process, net, net_kind, sampler, mesh)
-    _check_sampler(run)
+    check_sampler(run)
     return run
 
 
@@ -272,7 +272,7 @@ def build_sampler(resolved):
         raise ConfigError(f"sampling section: {e}") from e
 
 
-def _check_sampler(run: Run) -> None:
+def check_sampler(run: Run) -> None:
     """Traces the sampler once with a stand-in score, so a bad option fails now, not later."""
     zero_score = lambda x, t: jnp.zeros_like(x)
     try:
