@@ -30,6 +30,8 @@ import json
 import logging
 import math
 import os
+import time
+import uuid
 
 import numpy as np
 
@@ -107,22 +109,48 @@ def open_writer(config, wd: Workdir, job: str, resume_step: int | None = None) -
 
 
 class _TensorBoard:
-    def __init__(self, logdir: str, purge_step: int | None):
-        from tensorboardX import SummaryWriter
+    """tensorboardX's event file writer and summaries, written through at each call.
 
-        self.writer = SummaryWriter(logdir, purge_step=purge_step, flush_secs=30)
+    (tensorboardX's SummaryWriter queues events for a thread that flushes
+    every few seconds: a killed run would lose what it logged last.) The
+    first events of a resumed run are the file version and a SessionLog
+    START at `purge_step`, which SummaryWriter(purge_step=...) also writes:
+    TensorBoard then drops every event of the earlier files from that step on.
+    """
+
+    def __init__(self, logdir: str, purge_step: int | None):
+        from tensorboardX import summary
+        from tensorboardX.event_file_writer import EventsWriter
+        from tensorboardX.proto.event_pb2 import Event, SessionLog
+
+        os.makedirs(logdir, exist_ok=True)
+        self.summary, self.Event = summary, Event
+        self.events = EventsWriter(os.path.join(logdir, "events"), f".{os.getpid()}")
+        if purge_step is not None:
+            start = SessionLog(status=SessionLog.START)
+            self._write(Event(step=purge_step, file_version="brain.Event:2"))
+            self._write(Event(step=purge_step, session_log=start))
+
+    def _write(self, *events):
+        for event in events:
+            event.wall_time = event.wall_time or time.time()
+            self.events.write_event(event)
+        self.events.flush()
 
     def scalars(self, step, values):
-        for tag, value in values.items():
-            self.writer.add_scalar(tag, value, step)
-        self.writer.flush()
+        self._write(
+            *(
+                self.Event(step=step, summary=self.summary.scalar(tag, value))
+                for tag, value in values.items()
+            )
+        )
 
     def image(self, step, tag, pixels):
-        self.writer.add_image(tag, pixels, step, dataformats="HWC")
-        self.writer.flush()
+        summary = self.summary.image(tag, pixels, dataformats="HWC")
+        self._write(self.Event(step=step, summary=summary))
 
     def close(self):
-        self.writer.close()
+        self.events.close()
 
 
 class _WandB:
@@ -135,7 +163,7 @@ class _WandB:
             with open(ids_path) as f:
                 ids = json.load(f)
         if job not in ids:
-            ids[job] = wandb.util.generate_id()
+            ids[job] = uuid.uuid4().hex[:12]
             atomic_write(ids_path, json.dumps(ids, indent=2) + "\n")
         name = os.path.basename(wd.path)
         self.wandb = wandb
