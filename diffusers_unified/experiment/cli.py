@@ -1,10 +1,14 @@
 """The launcher: `diffusers-unified --config=... --workdir=... --mode=train|sample|eval|describe`.
 
-Also `python -m diffusers_unified`. Overrides use ml_collections' syntax,
-`--config.training.n_iters=100`. Exit codes (see `diffusers_unified.errors`):
-0 ok; 2 usage or config error; 3 non-finite loss or gradients; 4 bad data;
-5 missing, corrupt or incompatible checkpoint, or a failed save; 75
-pre-empted after a good checkpoint (run the same command to resume); 1
+Also `python -m diffusers_unified`. `--config` is a config file, or a shipped
+config by name (`--config=cifar10/ddpm`, `--config=vpsde/toy2d`); sample and
+eval may leave it out to use the work directory's config.json. Overrides use
+ml_collections' syntax, `--config.training.n_iters=100`.
+
+Exit codes (see `diffusers_unified.errors`): 0 ok; 2 usage or config error,
+or a work directory another process holds; 3 non-finite loss or gradients;
+4 bad data; 5 missing, corrupt or incompatible checkpoint, or a failed save;
+75 pre-empted after a good checkpoint (run the same command to resume); 1
 anything else.
 """
 
@@ -27,8 +31,9 @@ FLAGS = flags.FLAGS
 _CONFIG = config_flags.DEFINE_config_file(
     "config",
     None,
-    "Config file (e.g. configs/vpsde/toy2d.py); optional for sample and eval, "
-    "which then use the work directory's config.json.",
+    "Config file (e.g. my_config.py, configs/vpsde/toy2d.py) or a shipped config's name "
+    "(cifar10/ddpm); optional for sample and eval, which then use the work directory's "
+    "config.json.",
     lock_config=True,
 )
 flags.DEFINE_string("workdir", None, "Work directory: config, logs, checkpoints, outputs.")
@@ -109,6 +114,8 @@ def parse_flags(argv: list[str]) -> list[str]:
     `--config` may name a shipped config (`cifar10/ddpm`) instead of a path:
     it is replaced by the file's path before ml_collections reads it.
     """
+    if any(arg in ("--help", "-h", "--helpshort") for arg in argv[1:]):
+        _print_help()
     try:
         found = _config_arg(argv)
         if found is not None:
@@ -133,6 +140,17 @@ def parse_flags(argv: list[str]) -> list[str]:
         _fail(str(e), 2)
     except flags.Error as e:
         _fail(f"bad command line: {e}", 2)
+
+
+def _print_help() -> None:
+    """Usage, this launcher's flags and the shipped configs; exit 0 (absl's --help exits 1
+    and lists only the flags of `__main__`, which has none)."""
+    print(__doc__)
+    print("Flags:")
+    print(FLAGS.module_help(__name__))
+    print("\nShipped configs (--config=NAME): " + ", ".join(config_lib.shipped_configs()))
+    print("All flags, absl's included: --helpfull")
+    sys.exit(0)
 
 
 def _fail(message: str, code: int):
