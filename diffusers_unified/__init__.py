@@ -41,9 +41,9 @@ def load(workdir: str, checkpoint: str | int = "latest"):
     """The model trained in `workdir` (its newest committed checkpoint, or step `checkpoint`):
     `.config`, `.process`, `.score_fn(params="ema")`, `.sample(key, n, sampler="ode",
     **options)` and `.log_likelihood(key, x, **options)`. See `experiment.api.Model`."""
-    from diffusers_unified.experiment import api
-
-    return api.load(workdir, checkpoint)
+    # Imported on first use (JAX, the launcher's modules); the library layers below never
+    # import the experiment layer, the package's front door only hands this call to it.
+    return importlib.import_module(f"{__name__}.experiment.api").load(workdir, checkpoint)
 
 
 def __getattr__(name: str):

@@ -1,7 +1,8 @@
 """Config files: the shipped ones inside the package, found by name, and any by path.
 
-The package carries its configs (`diffusers_unified/configs/`), so a wheel or
-`pip install .` has them: `--config=cifar10/ddpm` works from any working
+The package carries its configs (`diffusers_unified/experiment/configs/`: the
+experiment layer is the one that reads configs), so a wheel or `pip install .`
+has them: `--config=cifar10/ddpm` works from any working
 directory, `--config=configs/vpsde/toy2d.py` too (the spelling of a checkout,
 where the README's commands are written), and any other file by its path.
 """
@@ -16,11 +17,11 @@ import sys
 
 from diffusers_unified.errors import ConfigError
 
-CONFIGS_DIR = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "configs"))
+CONFIGS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 
 
 class _ConfigsAlias(importlib.abc.MetaPathFinder):
-    """Makes `import configs` mean `diffusers_unified.configs` when nothing else provides it.
+    """Makes `import configs` mean the shipped configs when nothing else provides it.
 
     Config files written against a checkout (the score SDE code's convention,
     and this repository's tests and studies) say `from configs import

@@ -7,8 +7,8 @@ snr 0.16) on 1,000 levels; parameter count from that code's own network
 under `jax.eval_shape`.
 """
 
-from diffusers_unified.configs import formulations
-from diffusers_unified.configs.default import get_config as default_config
+from diffusers_unified.experiment.configs import formulations
+from diffusers_unified.experiment.configs.default import get_config as default_config
 
 
 def get_config():

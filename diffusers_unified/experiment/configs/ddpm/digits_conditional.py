@@ -5,8 +5,8 @@ samples are guided with w = 1 (diffusers' guidance_scale 2); pick the digit
 with --config.sampling.class_label=k (-1, the default: the ten in turn).
 """
 
-from diffusers_unified.configs import formulations
-from diffusers_unified.configs.default import get_config as default_config
+from diffusers_unified.experiment.configs import formulations
+from diffusers_unified.experiment.configs.default import get_config as default_config
 
 
 def get_config():

@@ -7,10 +7,10 @@ The launcher takes them by name from anywhere (`--config=cifar10/ddpm`,
 config file by path. A config file of your own derives from these by calling
 them::
 
-    from diffusers_unified.configs import formulations
-    from diffusers_unified.configs.default import get_config as default_config
+    from diffusers_unified.experiment.configs import formulations
+    from diffusers_unified.experiment.configs.default import get_config as default_config
 
 (`from configs import formulations`, the score SDE code's spelling, works too
 when no other package named `configs` is on the path: see
-`diffusers_unified.experiment.config`.)
+`diffusers_unified.experiment.config_files`.)
 """

@@ -11,8 +11,8 @@ clipping at 1) with random flips; ancestral sampling with the predicted
 x_0 clipped to [-1, 1], as the DDPM code samples.
 """
 
-from diffusers_unified.configs import formulations
-from diffusers_unified.configs.default import get_config as default_config
+from diffusers_unified.experiment.configs import formulations
+from diffusers_unified.experiment.configs.default import get_config as default_config
 
 
 def get_config():

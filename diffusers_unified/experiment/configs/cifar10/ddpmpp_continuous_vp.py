@@ -7,8 +7,8 @@ parameter count is that code's own network, counted with `jax.eval_shape`
 steps, as the reference config.
 """
 
-from diffusers_unified.configs import formulations
-from diffusers_unified.configs.default import get_config as default_config
+from diffusers_unified.experiment.configs import formulations
+from diffusers_unified.experiment.configs.default import get_config as default_config
 
 
 def get_config():

@@ -5,8 +5,8 @@ The data are `example_mixture()` (four anisotropic components), whose
 held-out set gives the noise floor the samples are compared with.
 """
 
-from diffusers_unified.configs import formulations
-from diffusers_unified.configs.default import get_config as default_config
+from diffusers_unified.experiment.configs import formulations
+from diffusers_unified.experiment.configs.default import get_config as default_config
 
 
 def get_config():

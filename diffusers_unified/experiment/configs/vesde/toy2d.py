@@ -1,7 +1,7 @@
 """vesde on the toy2d preset (see configs/formulations.py)."""
 
-from diffusers_unified.configs import formulations
-from diffusers_unified.configs.default import get_config as default_config
+from diffusers_unified.experiment.configs import formulations
+from diffusers_unified.experiment.configs.default import get_config as default_config
 
 
 def get_config():

@@ -9,8 +9,8 @@ data in [0, 1]; annealed Langevin dynamics with 5 steps per level and
 step_lr 6.2e-6 (epsilon 1.24e-5), then the final denoising step.
 """
 
-from diffusers_unified.configs import formulations
-from diffusers_unified.configs.default import get_config as default_config
+from diffusers_unified.experiment.configs import formulations
+from diffusers_unified.experiment.configs.default import get_config as default_config
 
 
 def get_config():

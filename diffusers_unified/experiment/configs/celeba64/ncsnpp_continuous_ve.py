@@ -10,8 +10,8 @@ positional embeddings; this is its continuous (Fourier) form. Parameter
 count as CIFAR-10's (the weights do not depend on the image size).
 """
 
-from diffusers_unified.configs import formulations
-from diffusers_unified.configs.default import get_config as default_config
+from diffusers_unified.experiment.configs import formulations
+from diffusers_unified.experiment.configs.default import get_config as default_config
 
 
 def get_config():

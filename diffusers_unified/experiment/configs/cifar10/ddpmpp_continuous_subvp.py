@@ -6,8 +6,8 @@ the VP network on the sub-VP SDE; parameter count from that code's own
 network under `jax.eval_shape`.
 """
 
-from diffusers_unified.configs import formulations
-from diffusers_unified.configs.default import get_config as default_config
+from diffusers_unified.experiment.configs import formulations
+from diffusers_unified.experiment.configs.default import get_config as default_config
 
 
 def get_config():
