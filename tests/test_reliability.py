@@ -808,6 +808,16 @@ def test_b24_eval_of_a_range_resumes_without_rescoring_after_a_kill(reference, t
     for step in STEPS:
         assert json.loads(scored[step].read_text())["step"] == step
     assert not (workdir / "eval" / ".lock").exists()
+    # Each checkpoint's metrics reach TensorBoard once: the rerun logs only what it scored.
+    loader = pytest.importorskip("tensorboard.backend.event_processing.event_file_loader")
+    logged = [
+        event.step
+        for path in sorted((workdir / "tensorboard" / "eval").iterdir())
+        for event in loader.EventFileLoader(str(path)).Load()
+        for value in event.summary.value
+        if value.tag == "eval/sliced_wasserstein"
+    ]
+    assert logged == STEPS
 
 
 def test_b24_missing_checkpoint_exits_5_at_once_or_after_waiting(reference, tmp_path):
