@@ -20,6 +20,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import time
 
 import chex
 import jax
@@ -219,6 +220,7 @@ def test_b4_sigterm_saves_current_step_exits_75_and_resumes(reference, tmp_path)
     # 0.5 s after each update: SIGTERM lands mid-run even on a loaded machine (steps 6 to 19).
     proc = lu.start(workdir, stderr_path=stderr, devices=DEVICES, DU_FAULT_STEP_SLEEP=0.5)
     lu.wait_for_text(stderr, "saved checkpoint step 5 ", proc)
+    time.sleep(0.25)  # into step 6's 0.5 s, past step 5's pre-emption check (even when loaded)
     proc.send_signal(signal.SIGTERM)
     lu.wait_for_text(stderr, "SIGTERM received", proc)
     proc.send_signal(signal.SIGTERM)  # a second notice, before the job is done, changes nothing
@@ -834,6 +836,46 @@ def test_b24_missing_checkpoint_exits_5_at_once_or_after_waiting(reference, tmp_
         result.stderr
     )
     assert not (workdir / "eval").exists()  # nothing was evaluated, nothing written
+
+
+def test_b24_checkpoint_selection_and_waiting_without_the_launcher():
+    """`--checkpoint` parsed, and the polling of a directory whose steps appear late."""
+    from diffusers_unified.errors import CheckpointError, ConfigError
+    from diffusers_unified.experiment.selection import Selection, steps_to_evaluate
+
+    assert Selection.parse("latest", 20) == Selection(latest=True)
+    assert Selection.parse("10", 20) == Selection(10, 10, single=True)
+    assert Selection.parse("5:15", 20) == Selection(5, 15)
+    assert Selection.parse("5:", 20) == Selection(5, 20)  # up to training.n_iters
+    assert Selection.parse(":15", 20) == Selection(0, 15)
+    assert Selection.parse("all", 20) == Selection()
+    for bad in ("15:5", "x", "-3", "1:2:3"):
+        with pytest.raises(ConfigError, match="expected 'latest', a step, a range"):
+            Selection.parse(bad, 20)
+
+    class Appearing:
+        """Committed steps that show up one per listing after the first `ready` listings."""
+
+        directory = "ckpts"
+
+        def __init__(self, steps, ready):
+            self.steps, self.ready, self.calls = steps, ready, 0
+
+        def all_steps(self):
+            self.calls += 1
+            return self.steps[: max(self.ready, self.calls - 1)]
+
+    found = list(steps_to_evaluate(Appearing([5, 10, 15, 20], 2), Selection(10, 20), wait=2))
+    assert found == [10, 15, 20]  # 5 is outside the range; 15 and 20 were waited for
+    assert list(steps_to_evaluate(Appearing([5, 10], 2), Selection(), wait=0)) == [5, 10]
+    with pytest.raises(CheckpointError, match="checkpoint 20 does not exist in ckpts"):
+        next(steps_to_evaluate(Appearing([5, 10], 2), Selection(5, 20), wait=0))
+    start = time.monotonic()
+    late = steps_to_evaluate(Appearing([5], 1), Selection(5, 20), wait=0.3)
+    assert next(late) == 5
+    with pytest.raises(CheckpointError, match="checkpoint 20 did not appear within 0.3 s"):
+        next(late)
+    assert 0.3 <= time.monotonic() - start < 5
 
 
 @pytest.mark.slow

@@ -1,6 +1,8 @@
-"""`--mode=eval`: sample metrics and held-out likelihoods of one checkpoint, resumable.
+"""`--mode=eval`: sample metrics and held-out likelihoods of checkpoints, resumable.
 
-The result is eval/step_<k>.json. The work is done in parts, each written
+One checkpoint, or every one of a range, waiting for those a training run
+has yet to write (`selection`). The result is eval/step_<k>.json per
+checkpoint, its metrics also in TensorBoard (tensorboard/eval). The work is done in parts, each written
 atomically once finished: sample shards (as `--mode=sample` writes them) and
 likelihood batches, under eval/step_<k>_parts/<tag>/, where the tag hashes
 every setting the part depends on. A rerun after a kill loads the finished
@@ -19,21 +21,18 @@ of the same examples is reported next to the model's.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import hashlib
 import json
 import logging
-import math
 import os
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from diffusers_unified import faults, likelihood, metrics
-from diffusers_unified.errors import CheckpointError, ConfigError
+from diffusers_unified.errors import CheckpointError
 from diffusers_unified.experiment import devices, inception_eval, kinds, progress, writers
 from diffusers_unified.experiment.devices import DeviceMap
 from diffusers_unified.experiment.figures import save_npz
@@ -45,6 +44,7 @@ from diffusers_unified.experiment.sample import (
     draw,
     sample_metrics,
 )
+from diffusers_unified.experiment.selection import Selection, agreed, steps_to_evaluate
 from diffusers_unified.experiment.workdir import Workdir, atomic_write
 
 logger = logging.getLogger("diffusers_unified")
@@ -77,7 +77,7 @@ def evaluate(
     inception_eval.check_config(config, run.dataset)
     selection = Selection.parse(checkpoint, config.training.n_iters)
     primary = jax.process_index() == 0
-    steps = _agreed(_steps(ReadOnlyCheckpoints(wd.checkpoints), selection, wait))
+    steps = agreed(steps_to_evaluate(ReadOnlyCheckpoints(wd.checkpoints), selection, wait))
     step = next(steps, None)  # a missing checkpoint fails here, before anything is written
     lock = wd.lock(force=force_unlock, where=wd.eval) if primary else None
     log = writers.open_writer(config, wd, "eval") if primary else writers.Writer([], "eval")
@@ -100,127 +100,6 @@ def evaluate(
         if lock is not None:
             lock.release()
     return result
-
-
-@dataclasses.dataclass(frozen=True)
-class Selection:
-    """Which checkpoints --mode=eval evaluates: `--checkpoint` parsed.
-
-    'latest' (the newest committed), 'N' (step N), 'BEGIN:END' (every
-    committed step in [BEGIN, END]; END must appear; 'BEGIN:' ends at
-    training.n_iters, ':END' begins at 0) or 'all' (every committed step
-    now there; nothing awaited).
-    """
-
-    begin: int = 0
-    end: int | None = None  # the step that must appear; None: none
-    latest: bool = False
-    single: bool = False
-
-    @property
-    def skips_done(self) -> bool:
-        """Ranges skip the checkpoints they already evaluated; one checkpoint is redone."""
-        return not (self.single or self.latest)
-
-    @classmethod
-    def parse(cls, text: str, n_iters: int) -> Selection:
-        text = text.strip()
-        try:
-            if text == "latest":
-                return cls(latest=True)
-            if text == "all":
-                return cls()
-            if ":" in text:
-                a, b = text.split(":", 1)
-                begin, end = int(a) if a else 0, int(b) if b else n_iters
-                if 0 <= begin <= end:
-                    return cls(begin, end)
-            elif int(text) >= 0:
-                return cls(int(text), int(text), single=True)
-        except ValueError:
-            pass
-        raise ConfigError(
-            f"--checkpoint={text!r}: expected 'latest', a step, a range 'BEGIN:END' (BEGIN <= "
-            "END; either may be left out) or 'all'"
-        )
-
-
-def _steps(checkpoints, selection: Selection, wait: float):
-    """Yields the committed steps to evaluate, in increasing order, each once (process 0).
-
-    Ends once the selection's last step (`end`; for 'latest' and 'all', the
-    first batch of steps found) has been yielded. What is missing fails at
-    once with `wait` 0, else after `wait` seconds without a new step.
-    """
-    where = checkpoints.directory
-    target = selection.end
-    if target is None:
-        what, missing = "a committed checkpoint", lambda steps: not steps
-    else:
-        what, missing = f"checkpoint {target}", lambda steps: target not in steps
-    committed = checkpoints.all_steps()
-    if missing(committed) and wait <= 0:
-        if target is None:
-            raise CheckpointError(
-                f"no committed checkpoint found in {where}: sampling and evaluation need a "
-                "trained model (train first with --mode=train)"
-            )
-        raise CheckpointError(
-            f"{what} does not exist in {where} (committed steps: "
-            f"{', '.join(map(str, committed)) or 'none'}); pass --wait_for_checkpoints=SECONDS "
-            "to wait for a training run to write it"
-        )
-    seen: set[int] = set()
-    deadline = None
-    while True:
-        committed = checkpoints.all_steps()
-        if selection.latest:
-            todo = committed[-1:] if not seen else []
-        else:
-            high = math.inf if target is None else target
-            todo = [s for s in committed if selection.begin <= s <= high and s not in seen]
-        if todo:
-            seen.add(todo[0])
-            deadline = None
-            yield todo[0]
-            continue
-        if seen and (target is None or target in seen):
-            return
-        if deadline is None:
-            deadline = time.monotonic() + wait
-            logger.info("waiting up to %g s for %s to appear in %s", wait, what, where)
-        elif time.monotonic() > deadline:
-            raise CheckpointError(
-                f"{what} did not appear within {wait:g} s (waited for it in {where}; "
-                f"committed steps: {', '.join(map(str, committed)) or 'none'})"
-            )
-        time.sleep(min(1.0, wait / 10))
-
-
-def _agreed(steps):
-    """The steps process 0 draws from `steps`, on every process (None ends them)."""
-    if jax.process_count() == 1:
-        yield from steps
-        return
-    from jax.experimental import multihost_utils
-
-    while True:
-        step, error = -1, 0
-        if jax.process_index() == 0:
-            try:
-                step = next(steps, -1)
-            except CheckpointError:
-                error = 1
-                raise
-            finally:
-                multihost_utils.broadcast_one_to_all(np.array([step, error], np.int64))
-        else:
-            step, error = map(int, multihost_utils.broadcast_one_to_all(np.zeros(2, np.int64)))
-            if error:
-                raise CheckpointError("process 0 found no checkpoint to evaluate; its log says why")
-        if step < 0:
-            return
-        yield step
 
 
 def _eval_tag(config) -> str:

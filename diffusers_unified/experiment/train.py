@@ -462,7 +462,8 @@ def _loop(
                 logger.warning("Pre-empted at step %d; checkpoint saved", done)
                 raise Preempted(f"Pre-empted at step {done}; checkpoint saved")
     finally:
-        sigterm.restore()
+        if not sigterm.raised:  # pre-empted: a later notice must not cut the exit (75) short
+            sigterm.restore()
         bar.close()
         if ckpt is not None:
             ckpt.close()
