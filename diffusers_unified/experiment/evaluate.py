@@ -1,13 +1,14 @@
 """`--mode=eval`: sample metrics and held-out likelihoods of checkpoints, resumable.
 
-One checkpoint, or every one of a range, waiting for those a training run
-has yet to write (`selection`). The result is eval/step_<k>.json per
-checkpoint, its metrics also in TensorBoard (tensorboard/eval). The work is done in parts, each written
-atomically once finished: sample shards (as `--mode=sample` writes them) and
-likelihood batches, under eval/step_<k>_parts/<tag>/, where the tag hashes
-every setting the part depends on. A rerun after a kill loads the finished
-parts and computes only the rest, so it ends with exactly the numbers of an
-uninterrupted run (the tests kill it with `faults.KILL_AFTER_EVAL_PARTS`).
+One checkpoint, or every one of a range, waiting for those a training run has
+yet to write (`selection`). The result is eval/step_<k>.json per checkpoint,
+its metrics also in TensorBoard (tensorboard/eval). The work is done in parts,
+each written atomically once finished: sample shards (as `--mode=sample`
+writes them) and likelihood batches, under eval/step_<k>_parts/<tag>/, where
+the tag hashes every setting the part depends on. A rerun after a kill loads
+the finished parts and computes only the rest, so it ends with exactly the
+numbers of an uninterrupted run (the tests kill it with
+`faults.KILL_AFTER_EVAL_PARTS`).
 
 Likelihoods (config `eval.likelihood`): the probability-flow ODE's
 log-likelihood (any process) and DDPM's variational bound (DDPM only), on
