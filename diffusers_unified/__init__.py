@@ -9,7 +9,9 @@ The public surface:
 - `likelihood`: the probability-flow ODE log-likelihood and DDPM's variational bound;
 - `nets`: the Flax networks, `apply(params, x, noise_cond, y=None, train=False)`;
 - `metrics`: sample-quality metrics on arrays;
-- `data`: data sets, exact Gaussian mixtures, deterministic batching.
+- `data`: data sets, exact Gaussian mixtures, deterministic batching;
+- `load(workdir)`: a trained work directory as a model with `.sample`, `.log_likelihood`
+  and `.score_fn` (`experiment.api`).
 
 The launcher (`diffusers-unified`, `diffusers_unified.experiment`) builds all of
 these from ml_collections configs; docs/architecture.md shows the layers.
@@ -32,7 +34,16 @@ _PUBLIC = (
     "samplers",
 )
 
-__all__ = ["__version__", *_PUBLIC]
+__all__ = ["__version__", "load", *_PUBLIC]
+
+
+def load(workdir: str, checkpoint: str | int = "latest"):
+    """The model trained in `workdir` (its newest committed checkpoint, or step `checkpoint`):
+    `.config`, `.process`, `.score_fn(params="ema")`, `.sample(key, n, sampler="ode",
+    **options)` and `.log_likelihood(key, x, **options)`. See `experiment.api.Model`."""
+    # Imported on first use (JAX, the launcher's modules); the library layers below never
+    # import the experiment layer, the package's front door only hands this call to it.
+    return importlib.import_module(f"{__name__}.experiment.api").load(workdir, checkpoint)
 
 
 def __getattr__(name: str):

@@ -9,17 +9,21 @@ directory holds. Runs that several tests read are made once per session
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
+import time
 
 import chex
+import jax
 import jax.numpy as jnp
 import launcher_util as lu
 import numpy as np
@@ -216,6 +220,7 @@ def test_b4_sigterm_saves_current_step_exits_75_and_resumes(reference, tmp_path)
     # 0.5 s after each update: SIGTERM lands mid-run even on a loaded machine (steps 6 to 19).
     proc = lu.start(workdir, stderr_path=stderr, devices=DEVICES, DU_FAULT_STEP_SLEEP=0.5)
     lu.wait_for_text(stderr, "saved checkpoint step 5 ", proc)
+    time.sleep(0.25)  # into step 6's 0.5 s, past step 5's pre-emption check (even when loaded)
     proc.send_signal(signal.SIGTERM)
     lu.wait_for_text(stderr, "SIGTERM received", proc)
     proc.send_signal(signal.SIGTERM)  # a second notice, before the job is done, changes nothing
@@ -663,3 +668,263 @@ def test_b23_train_step_compiles_once_across_epochs(reference):
     assert t.n_iters * t.batch_size > 2 * config.data.num_train  # two epoch boundaries
     assert config.data.num_train % t.batch_size  # one batch straddles two epochs
     assert "training finished at step 20; the train step compiled 1 time(s)" in reference[1].stderr
+
+
+# -- B6: free space, checked before step 0 ---------------------------------------------------------
+
+# The child's shutil.disk_usage reports FREE bytes (a sitecustomize module, imported at
+# interpreter start), so the launcher's real pre-flight code runs against a "full" disk.
+FREE = 12_345
+SITECUSTOMIZE = f"""
+import collections
+import shutil
+
+_usage = collections.namedtuple("usage", "total used free")
+shutil.disk_usage = lambda path: _usage(10**12, 10**12 - {FREE}, {FREE})
+"""
+
+
+def ci_tiny_parameter_count() -> int:
+    from diffusers_unified.experiment import config as config_lib
+    from diffusers_unified.experiment.run import build_run
+
+    run = build_run(config_lib.load_module(str(lu.CI_TINY)).get_config())
+    return sum(int(np.prod(p.shape)) for p in jax.tree.leaves(run.init_state().params))
+
+
+def test_b6_too_little_free_space_warns_or_fails_under_strict_disk(tmp_path):
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(SITECUSTOMIZE)
+    pythonpath = f"{site}{os.pathsep}{lu.REPO}"
+    short = "--config.training.n_iters=5"
+
+    strict = tmp_path / "strict"
+    result = train(strict, short, "--strict_disk", PYTHONPATH=pythonpath)
+    assert result.code == 5, result
+    found = re.search(
+        r"not enough free disk space for checkpoints: 5 \+ 1 checkpoints of (\d+) bytes need "
+        rf"(\d+) bytes in {strict}/checkpoints, but only {FREE} bytes are available",
+        result.stderr,
+    )
+    assert found, result
+    per, need = map(int, found.groups())
+    # Parameters, their EMA and Adam's two slots, float32: 16 bytes per parameter, plus the
+    # step, key and optimiser counters (a few scalars).
+    params = ci_tiny_parameter_count()
+    assert 16 * params <= per <= 16 * params + 64, (per, params)
+    assert need == 6 * per  # keep + 1: a new checkpoint is committed before the oldest goes
+    assert_untouched(strict)  # checked before the work directory is created
+
+    warned = tmp_path / "warned"
+    result = train(warned, short, PYTHONPATH=pythonpath)
+    assert result.code == 0, result
+    message = found.group(0).replace(str(strict), str(warned))
+    assert f"WARNING {message} (--strict_disk makes this an error)" in result.stderr
+    assert committed(warned) == [5]
+
+
+# -- B19: two processes on one work directory ------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_b19_second_process_exits_2_and_a_dead_holders_lock_is_broken(tmp_path):
+    workdir, stderr = tmp_path / "run", tmp_path / "a.txt"
+    # Run A takes the lock and then sleeps (the fault hook) until the test kills it.
+    a = lu.start(workdir, stderr_path=stderr, devices=DEVICES, DU_FAULT_HOLD_LOCK=300)
+    try:
+        lu.wait_for_text(stderr, f"took the lock {workdir}/.lock", a)
+        holder = json.loads((workdir / ".lock").read_text())
+        assert holder["pid"] == a.pid and holder["host"] == socket.gethostname()
+
+        b = train(workdir)
+        assert b.code == 2, b
+        assert (
+            f"workdir is locked by pid {a.pid} on host {holder['host']} since "
+            f"{holder['since']} (lockfile {workdir}/.lock); use --force_unlock if that "
+            "process is dead" in b.stderr
+        )
+        assert a.poll() is None and json.loads((workdir / ".lock").read_text()) == holder
+        assert not (workdir / "checkpoints").exists() and not (workdir / "log.txt").exists()
+    finally:
+        a.send_signal(signal.SIGKILL)
+        a.wait()
+
+    # A died holding the lock: C finds its pid gone on this host, breaks it and trains.
+    c = train(workdir)
+    assert c.code == 0, c
+    assert (
+        f"WARNING breaking the stale lock of pid {a.pid} on host {holder['host']} since "
+        f"{holder['since']} (lockfile {workdir}/.lock): its process is gone" in c.stderr
+    )
+    assert committed(workdir) == STEPS
+    assert not (workdir / ".lock").exists()  # released at the end of the run
+
+
+def test_b19_lock_of_another_host_needs_force_unlock(tmp_path):
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    lock = {"pid": 1, "host": "elsewhere", "since": "2024-01-02 03:04:05", "token": "x"}
+    (workdir / ".lock").write_text(json.dumps(lock))
+    short = "--config.training.n_iters=5"
+    # pid 1 may well be dead there: on another host that cannot be known, so it is no stale lock
+    result = train(workdir, short)
+    assert result.code == 2, result
+    assert "workdir is locked by pid 1 on host elsewhere since 2024-01-02 03:04:05" in result.stderr
+    assert sorted(os.listdir(workdir)) == [".lock"]
+
+    result = train(workdir, short, "--force_unlock")
+    assert result.code == 0, result
+    assert (
+        "WARNING breaking the stale lock of pid 1 on host elsewhere since 2024-01-02 03:04:05 "
+        f"(lockfile {workdir}/.lock): --force_unlock" in result.stderr
+    )
+    assert committed(workdir) == [5] and not (workdir / ".lock").exists()
+
+
+# -- B24: eval over a range of checkpoints, missing or late ones -----------------------------------
+
+
+def evaluate(workdir, *args, **env_vars):
+    return lu.run(workdir, *args, mode="eval", config=None, devices=DEVICES, **env_vars)
+
+
+@pytest.mark.slow
+def test_b24_eval_of_a_range_resumes_without_rescoring_after_a_kill(reference, tmp_path):
+    workdir = copy_of(reference[0], tmp_path)
+    # ci_tiny evaluates 64 samples in 2 shards of 32, one per device: the 5th shard written
+    # is step 15's first, so the kill leaves steps 5 and 10 scored and step 15 half drawn.
+    killed = evaluate(workdir, "--checkpoint=5:20", DU_FAULT_KILL_AFTER_SAMPLE_SHARDS=5)
+    assert killed.code == -signal.SIGKILL, killed
+    scored = {s: workdir / "eval" / f"step_{s}.json" for s in STEPS}
+    assert [s for s, p in scored.items() if p.exists()] == [5, 10]
+    before = {s: (scored[s].read_bytes(), scored[s].stat().st_mtime_ns) for s in (5, 10)}
+
+    resumed = evaluate(workdir, "--checkpoint=5:20")
+    assert resumed.code == 0, resumed
+    for step in (5, 10):
+        assert f"checkpoint {step} already evaluated ({scored[step]}); skipped" in resumed.stderr
+        assert (scored[step].read_bytes(), scored[step].stat().st_mtime_ns) == before[step]
+    assert resumed.stderr.count("1 of 2 sample shards reused") == 1  # step 15's first shard
+    assert resumed.stderr.count("eval at step") == 2
+    for step in STEPS:
+        assert json.loads(scored[step].read_text())["step"] == step
+    assert not (workdir / "eval" / ".lock").exists()
+    # Each checkpoint's metrics reach TensorBoard once: the rerun logs only what it scored.
+    loader = pytest.importorskip("tensorboard.backend.event_processing.event_file_loader")
+    logged = [
+        event.step
+        for path in sorted((workdir / "tensorboard" / "eval").iterdir())
+        for event in loader.EventFileLoader(str(path)).Load()
+        for value in event.summary.value
+        if value.tag == "eval/sliced_wasserstein"
+    ]
+    assert logged == STEPS
+
+
+def test_b24_missing_checkpoint_exits_5_at_once_or_after_waiting(reference, tmp_path):
+    workdir = copy_of(reference[0], tmp_path)
+    result = evaluate(workdir, "--checkpoint=12")
+    assert result.code == 5, result
+    assert (
+        f"checkpoint 12 does not exist in {workdir}/checkpoints (committed steps: 5, 10, 15, "
+        "20); pass --wait_for_checkpoints=SECONDS" in result.stderr
+    )
+    result = evaluate(workdir, "--checkpoint=12", "--wait_for_checkpoints=2")
+    assert result.code == 5, result
+    assert f"checkpoint 12 did not appear within 2 s (waited for it in {workdir}/checkpoints" in (
+        result.stderr
+    )
+    assert not (workdir / "eval").exists()  # nothing was evaluated, nothing written
+
+
+def test_b24_checkpoint_selection_and_waiting_without_the_launcher():
+    """`--checkpoint` parsed, and the polling of a directory whose steps appear late."""
+    from diffusers_unified.errors import CheckpointError, ConfigError
+    from diffusers_unified.experiment.selection import Selection, steps_to_evaluate
+
+    assert Selection.parse("latest", 20) == Selection(latest=True)
+    assert Selection.parse("10", 20) == Selection(10, 10, single=True)
+    assert Selection.parse("5:15", 20) == Selection(5, 15)
+    assert Selection.parse("5:", 20) == Selection(5, 20)  # up to training.n_iters
+    assert Selection.parse(":15", 20) == Selection(0, 15)
+    assert Selection.parse("all", 20) == Selection()
+    for bad in ("15:5", "x", "-3", "1:2:3"):
+        with pytest.raises(ConfigError, match="expected 'latest', a step, a range"):
+            Selection.parse(bad, 20)
+
+    class Appearing:
+        """Committed steps that show up one per listing after the first `ready` listings."""
+
+        directory = "ckpts"
+
+        def __init__(self, steps, ready):
+            self.steps, self.ready, self.calls = steps, ready, 0
+
+        def all_steps(self):
+            self.calls += 1
+            return self.steps[: max(self.ready, self.calls - 1)]
+
+    found = list(steps_to_evaluate(Appearing([5, 10, 15, 20], 2), Selection(10, 20), wait=2))
+    assert found == [10, 15, 20]  # 5 is outside the range; 15 and 20 were waited for
+    assert list(steps_to_evaluate(Appearing([5, 10], 2), Selection(), wait=0)) == [5, 10]
+    with pytest.raises(CheckpointError, match="checkpoint 20 does not exist in ckpts"):
+        next(steps_to_evaluate(Appearing([5, 10], 2), Selection(5, 20), wait=0))
+    start = time.monotonic()
+    late = steps_to_evaluate(Appearing([5], 1), Selection(5, 20), wait=0.3)
+    assert next(late) == 5
+    with pytest.raises(CheckpointError, match="checkpoint 20 did not appear within 0.3 s"):
+        next(late)
+    assert 0.3 <= time.monotonic() - start < 5
+
+
+@pytest.mark.slow
+def test_b24_eval_waits_for_a_late_checkpoint(reference, tmp_path):
+    workdir = copy_of(reference[0], tmp_path)
+    late = tmp_path / "20"
+    os.rename(workdir / "checkpoints" / "20", late)  # as if training had not written it yet
+    stderr = tmp_path / "eval.txt"
+    args = ("--checkpoint=15:20", "--wait_for_checkpoints=120")
+    proc = lu.start(workdir, *args, stderr_path=stderr, mode="eval", config=None, devices=DEVICES)
+    lu.wait_for_text(stderr, "waiting up to 120 s for checkpoint 20 to appear", proc)
+    assert (workdir / "eval" / "step_15.json").exists()  # the one there was done meanwhile
+    os.rename(late, workdir / "checkpoints" / "20")  # committed: it appears whole
+    assert proc.wait(timeout=120) == 0, stderr.read_text()
+    assert json.loads((workdir / "eval" / "step_20.json").read_text())["step"] == 20
+
+
+# -- B25: sample mode, killed and rerun ------------------------------------------------------------
+
+
+def sha256(path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.mark.slow
+def test_b25_sample_killed_after_2_of_4_shards_reruns_to_identical_files(reference, tmp_path):
+    n = "--config.sampling.num_samples=128"  # 4 shards of sampling.batch_size=32
+    whole = copy_of(reference[0], tmp_path / "whole")
+    result = lu.run(whole, n, mode="sample", config=None, devices=DEVICES)
+    assert result.code == 0, result
+
+    workdir = copy_of(reference[0], tmp_path / "killed")
+    args = dict(mode="sample", config=None, devices=DEVICES)
+    killed = lu.run(workdir, n, DU_FAULT_KILL_AFTER_SAMPLE_SHARDS=2, **args)
+    assert killed.code == -signal.SIGKILL, killed
+    out = workdir / "samples" / "step_20"
+    (shard_dir,) = (out / "shards").iterdir()
+    assert sorted(p.name for p in shard_dir.iterdir()) == ["shard_00000.npz", "shard_00001.npz"]
+    assert not (out / "samples.npz").exists()
+
+    rerun = lu.run(workdir, n, **args)
+    assert rerun.code == 0, rerun
+    assert "2 of 4 sample shards reused" in rerun.stderr
+    names = [f"shard_{i:05d}.npz" for i in range(4)]
+    assert sorted(p.name for p in shard_dir.iterdir()) == names  # no temporary files left
+    reference_out = whole / "samples" / "step_20"
+    for name in names:
+        assert sha256(shard_dir / name) == sha256(reference_out / "shards" / shard_dir.name / name)
+    with np.load(out / "samples.npz") as f, np.load(reference_out / "samples.npz") as g:
+        assert f["samples"].shape == (128, 2)
+        np.testing.assert_array_equal(f["samples"], g["samples"])  # bit for bit
+    assert sha256(out / "samples.npz") == sha256(reference_out / "samples.npz")

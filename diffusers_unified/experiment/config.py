@@ -1,5 +1,8 @@
 """Loading and checking configs: the schema is `configs/default.py`, and nothing else is read.
 
+The config files themselves (the shipped ones, found by name, and any by path)
+are loaded by `config_files`.
+
 Every check here runs before JAX computes anything or the work directory is
 touched, and fails with a `ConfigError` (exit code 2) that names the key, what
 was expected and what was given.
@@ -7,11 +10,9 @@ was expected and what was given.
 
 from __future__ import annotations
 
-import difflib
-import importlib.util
 import json
+import logging
 import os
-import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -19,28 +20,15 @@ import ml_collections
 
 from diffusers_unified.errors import CheckpointError, ConfigError
 from diffusers_unified.experiment import kinds
+from diffusers_unified.experiment.config_files import (  # noqa: F401  (re-exported)
+    CONFIGS_DIR,
+    did_you_mean,
+    load_module,
+    resolve_config_path,
+    shipped_configs,
+)
 
-CONFIGS_DIR = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "configs"))
-# Config files import their defaults as `configs.<module>` (the score SDE code's
-# convention), so the repository root must be importable.
-if os.path.dirname(CONFIGS_DIR) not in sys.path:
-    sys.path.insert(0, os.path.dirname(CONFIGS_DIR))
-
-
-def load_module(path: str):
-    """Imports a config file (its directory's parent on the path, as config_flags does)."""
-    path = os.path.abspath(path)
-    if not os.path.isfile(path):
-        raise ConfigError(f"config file {path} does not exist")
-    spec = importlib.util.spec_from_file_location(f"_du_config_{abs(hash(path))}", path)
-    module = importlib.util.module_from_spec(spec)
-    try:
-        spec.loader.exec_module(module)
-    except Exception as e:  # noqa: BLE001  any error in user code is a config error
-        raise ConfigError(f"config file {path} failed to load: {type(e).__name__}: {e}") from e
-    if not hasattr(module, "get_config"):
-        raise ConfigError(f"config file {path} defines no get_config()")
-    return module
+logger = logging.getLogger("diffusers_unified")
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -56,11 +44,6 @@ def flatten(config, prefix: str = "") -> Iterator[tuple[str, Any]]:
             yield from flatten(value, name + ".")
         else:
             yield name, value
-
-
-def did_you_mean(key: str, valid) -> str:
-    close = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.6)
-    return f" Did you mean '{close[0]}'?" if close else ""
 
 
 def unknown_key_error(key: str, schema_keys, where: str = "") -> ConfigError:
@@ -245,6 +228,7 @@ NON_NEGATIVE_INTS = (
     "data.crop_size",
     "data.max_examples",
     "training.snapshot_freq",
+    "training.eval_freq",
     "optim.warmup",
     "optim.skip_nonfinite",
     "sampling.num_steps",
@@ -457,7 +441,9 @@ RESUMABLE_CHANGES = (
     "training.checkpoint_freq",
     "training.snapshot_freq",
     "training.keep",
+    "training.eval_freq",
     "data.validate_batches",
+    "logging.",
     "sampling.",
     "eval.",
     "distributed.",
@@ -466,6 +452,26 @@ RESUMABLE_CHANGES = (
 
 def to_json(config) -> str:
     return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=list)
+
+
+def fill_missing(saved, source: str):
+    """A saved config (a work directory's config.json) with the keys added to the schema since
+    it was written set to their defaults, and a note naming them."""
+    defaults = dict(flatten(default_config()))
+    missing = sorted(set(defaults) - {k for k, _ in flatten(saved)})
+    if not missing:
+        return saved
+    logger.info("%s predates config keys %s: using their defaults", source, ", ".join(missing))
+    config = ml_collections.ConfigDict(saved.to_dict())
+    for key in missing:
+        node = config
+        *parents, leaf = key.split(".")
+        for part in parents:
+            if part not in node:
+                node[part] = ml_collections.ConfigDict()
+            node = node[part]
+        node[leaf] = defaults[key]
+    return config
 
 
 def from_json(text: str) -> ml_collections.ConfigDict:

@@ -1,11 +1,14 @@
-"""`--mode=eval`: sample metrics and held-out likelihoods of one checkpoint, resumable.
+"""`--mode=eval`: sample metrics and held-out likelihoods of checkpoints, resumable.
 
-The result is eval/step_<k>.json. The work is done in parts, each written
-atomically once finished: sample shards (as `--mode=sample` writes them) and
-likelihood batches, under eval/step_<k>_parts/<tag>/, where the tag hashes
-every setting the part depends on. A rerun after a kill loads the finished
-parts and computes only the rest, so it ends with exactly the numbers of an
-uninterrupted run (the tests kill it with `faults.KILL_AFTER_EVAL_PARTS`).
+One checkpoint, or every one of a range, waiting for those a training run has
+yet to write (`selection`). The result is eval/step_<k>.json per checkpoint,
+its metrics also in TensorBoard (tensorboard/eval). The work is done in parts,
+each written atomically once finished: sample shards (as `--mode=sample`
+writes them) and likelihood batches, under eval/step_<k>_parts/<tag>/, where
+the tag hashes every setting the part depends on. A rerun after a kill loads
+the finished parts and computes only the rest, so it ends with exactly the
+numbers of an uninterrupted run (the tests kill it with
+`faults.KILL_AFTER_EVAL_PARTS`).
 
 Likelihoods (config `eval.likelihood`): the probability-flow ODE's
 log-likelihood (any process) and DDPM's variational bound (DDPM only), on
@@ -30,10 +33,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffusers_unified import faults, likelihood, metrics
-from diffusers_unified.experiment import devices, inception_eval, kinds
+from diffusers_unified.errors import CheckpointError
+from diffusers_unified.experiment import devices, inception_eval, kinds, progress, writers
 from diffusers_unified.experiment.devices import DeviceMap
 from diffusers_unified.experiment.figures import save_npz
-from diffusers_unified.experiment.run import Run, build_run, restore
+from diffusers_unified.experiment.run import ReadOnlyCheckpoints, Run, build_run, restore
 from diffusers_unified.experiment.sample import (
     SAMPLE_STREAM,
     check_finite_samples,
@@ -41,6 +45,7 @@ from diffusers_unified.experiment.sample import (
     draw,
     sample_metrics,
 )
+from diffusers_unified.experiment.selection import Selection, agreed, steps_to_evaluate
 from diffusers_unified.experiment.workdir import Workdir, atomic_write
 
 logger = logging.getLogger("diffusers_unified")
@@ -48,16 +53,82 @@ logger = logging.getLogger("diffusers_unified")
 LIKELIHOOD_STREAM = 3_000_017  # keeps dequantisation and probe keys apart from sampling keys
 
 
-def evaluate(config, workdir: str, checkpoint: str = "latest", on_corrupt: str = "raise"):
-    """Evaluates one checkpoint; returns the figures (on process 0; None on the others)."""
+def evaluate(
+    config,
+    workdir: str,
+    checkpoint: str = "latest",
+    on_corrupt: str = "raise",
+    wait: float = 0.0,
+    force_unlock: bool = False,
+):
+    """Evaluates the checkpoints `checkpoint` selects (`Selection.parse`); returns the figures
+    of the last one evaluated (on process 0; None on the others).
+
+    A checkpoint that is not there yet is an error (exit 5) at once, or with
+    `wait` > 0 seconds, awaited (a training run may be writing it): the
+    launcher polls and gives up after `wait` seconds without a new
+    checkpoint. In a range, a checkpoint whose eval/step_<k>.json was
+    written with the same settings is not evaluated again, so a killed
+    range evaluation resumes where it stopped (and within a checkpoint,
+    from its finished parts). Process 0 holds <workdir>/eval/.lock.
+    """
     check_samples_a_score_model(config)
     wd = Workdir(workdir)
     run = build_run(config)
     inception_eval.check_config(config, run.dataset)
-    step, state = restore(run, wd, checkpoint, on_corrupt)
+    selection = Selection.parse(checkpoint, config.training.n_iters)
     primary = jax.process_index() == 0
-    if primary:
-        wd.start_logging("eval", None)
+    steps = agreed(steps_to_evaluate(ReadOnlyCheckpoints(wd.checkpoints), selection, wait))
+    step = next(steps, None)  # a missing checkpoint fails here, before anything is written
+    lock = wd.lock(force=force_unlock, where=wd.eval) if primary else None
+    log = writers.open_writer(config, wd, "eval") if primary else writers.Writer([], "eval")
+    result = None
+    try:
+        if primary:
+            wd.start_logging("eval", None)
+        tag = _eval_tag(config)
+        while step is not None:
+            done = _read_result(wd, step)
+            if selection.skips_done and done is not None and done.get("eval_tag") == tag:
+                logger.info("checkpoint %d already evaluated (%s); skipped", step, done["path"])
+            else:
+                result = _evaluate_step(run, wd, step, on_corrupt, tag, selection.single)
+                if result is not None:
+                    log.scalars(step, result)
+            step = next(steps, None)
+    finally:
+        log.close()
+        if lock is not None:
+            lock.release()
+    return result
+
+
+def _eval_tag(config) -> str:
+    """A short hash of every setting that decides an eval result (not logging, not training)."""
+    keep = {k: config[k].to_dict() for k in ("data", "process", "model", "sampling", "eval")}
+    text = json.dumps({"seed": config.seed, **keep}, sort_keys=True, default=list)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def _read_result(wd: Workdir, step: int) -> dict | None:
+    path = os.path.join(wd.eval, f"step_{step}.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return {**json.load(f), "path": path}
+
+
+def _evaluate_step(run: Run, wd: Workdir, step: int, on_corrupt: str, tag: str, single: bool):
+    """Evaluates checkpoint `step`; returns the figures (on process 0; None on the others)."""
+    config = run.config
+    try:
+        step, state = restore(run, wd, str(step), on_corrupt)
+    except CheckpointError:
+        if single or step in ReadOnlyCheckpoints(wd.checkpoints).all_steps():
+            raise
+        logger.warning("checkpoint %d was removed before it could be evaluated; skipped", step)
+        return None
+    primary = jax.process_index() == 0
     parts = os.path.join(wd.eval, f"step_{step}_parts")
     os.makedirs(parts, exist_ok=True)
     seed_key = jax.random.PRNGKey(config.seed)
@@ -65,7 +136,15 @@ def evaluate(config, workdir: str, checkpoint: str = "latest", on_corrupt: str =
     # (one unit per device); process 0 then measures and writes.
     key = jax.random.fold_in(seed_key, SAMPLE_STREAM + 1 + step)
     fid = config.eval.fid
-    x, _, nfe = draw(run, state.ema_params, config.eval.num_samples, key, parts, everywhere=fid)
+    x, _, nfe = draw(
+        run,
+        state.ema_params,
+        config.eval.num_samples,
+        key,
+        parts,
+        everywhere=fid,
+        desc=f"eval {step}: samples",
+    )
     if x is not None:
         check_finite_samples(run, x)
     inception = inception_eval.inception_metrics(run, x, parts, wd.eval) if fid else {}
@@ -84,6 +163,7 @@ def evaluate(config, workdir: str, checkpoint: str = "latest", on_corrupt: str =
         **sample_metrics(run, x, config.seed),
         **distribution_metrics(run, x, config.seed),
         **likelihoods,
+        "eval_tag": tag,
     }
     path = os.path.join(wd.eval, f"step_{step}.json")
     atomic_write(path, json.dumps(result, indent=2, sort_keys=True) + "\n")
@@ -235,11 +315,14 @@ def held_out_likelihood(run: Run, params, kind: str, key, parts_dir: str) -> dic
     mapped = DeviceMap(run.mesh, one_batch)
     starts = list(range(0, n, batch))
     results, reused = {}, 0
+    primary = jax.process_index() == 0
+    bar = progress.bar(len(starts), f"likelihood ({kind})", "batch", primary=primary)
     for first in range(0, len(starts), mapped.size):
         group = range(first, min(first + mapped.size, len(starts)))
         on_disk = {i for i in group if os.path.exists(path(i))}
         reused += len(on_disk)
         if not devices.any_process(len(on_disk) < len(group)):
+            bar.update(len(group))
             continue
         index = [np.arange(starts[i], starts[i] + batch) % n for i in group]  # pads by repetition
         keys = [jax.random.split(jax.random.fold_in(key, i)) for i in group]
@@ -257,6 +340,8 @@ def held_out_likelihood(run: Run, params, kind: str, key, parts_dir: str) -> dic
                 save_npz(path(i), **part)
                 faults.after_part_written(faults.KILL_AFTER_EVAL_PARTS)
             results[i] = part
+        bar.update(len(group))
+    bar.close()
     devices.barrier(f"likelihood_{kind}")
     if jax.process_index() != 0:
         return None

@@ -30,11 +30,10 @@ import os
 
 import jax
 import numpy as np
-from tqdm.auto import tqdm
 
 from diffusers_unified import metrics
 from diffusers_unified.errors import ConfigError
-from diffusers_unified.experiment import devices
+from diffusers_unified.experiment import devices, progress
 from diffusers_unified.experiment.devices import DeviceMap
 from diffusers_unified.experiment.figures import save_npz
 from diffusers_unified.nets.inception import InceptionV3, load_inception_params
@@ -99,13 +98,15 @@ class Embedder:
             os.makedirs(parts_dir, exist_ok=True)
         out: dict[str, list] = {"pool": [], "logits": []}
         groups = range(0, len(starts), group_size)
-        for g in tqdm(groups, desc=desc, unit="group", disable=jax.process_index() != 0):
+        bar = progress.bar(len(groups), desc, "group", primary=jax.process_index() == 0)
+        for g in groups:
             path = parts_dir and os.path.join(parts_dir, f"features_{g // group_size:05d}.npz")
             done = bool(path) and os.path.exists(path)
             if not devices.any_process(not done):
                 with np.load(path) as f:
                     out["pool"].append(f["pool"])
                     out["logits"].append(f["logits"])
+                bar.update()
                 continue
             batches = []
             for i in range(g, min(g + group_size, len(starts))):
@@ -122,6 +123,8 @@ class Embedder:
                 save_npz(path, pool=pool, logits=logits)
             out["pool"].append(pool)
             out["logits"].append(logits)
+            bar.update()
+        bar.close()
         return {k: np.concatenate(v) for k, v in out.items()}
 
 

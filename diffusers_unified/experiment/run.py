@@ -79,6 +79,15 @@ class Run:
             o.optimizer, o.lr, o.beta1, o.beta2, o.eps, o.weight_decay, o.warmup, o.grad_clip
         )
 
+    def learning_rate(self, step: int) -> float:
+        """The learning rate of update `step` (1-based): optim.lr after a linear warmup.
+
+        The optimiser's schedule (`make_optimizer`) counts updates from 0, so
+        update s uses its value at s - 1.
+        """
+        o = self.config.optim
+        return float(o.lr * min(1.0, (step - 1) / o.warmup)) if o.warmup > 0 else float(o.lr)
+
     @property
     def is_classifier(self) -> bool:
         """Whether the run trains a noise-conditional classifier (training.task)."""
@@ -213,7 +222,7 @@ def build_run(config) -> Run:
     process = build_process(resolved, module)
     sampler = build_sampler(resolved)
     run = Run(config, ds, process, net, net_kind, sampler, mesh)
-    _check_sampler(run)
+    check_sampler(run)
     return run
 
 
@@ -263,7 +272,7 @@ def build_sampler(resolved):
         raise ConfigError(f"sampling section: {e}") from e
 
 
-def _check_sampler(run: Run) -> None:
+def check_sampler(run: Run) -> None:
     """Traces the sampler once with a stand-in score, so a bad option fails now, not later."""
     zero_score = lambda x, t: jnp.zeros_like(x)
     try:
@@ -347,9 +356,21 @@ def resolve_auto(config, ds: data.Dataset):
     return resolved
 
 
+class ReadOnlyCheckpoints(CheckpointManager):
+    """A checkpoint manager that never removes a leftover temporary directory.
+
+    For readers (sample, eval, pre-flight checks) of a checkpoint directory
+    that a training run may be writing at the same time: its temporary
+    directories are saves in progress, not the leftovers of a dead save.
+    """
+
+    def cleanup(self) -> list[str]:
+        return []
+
+
 def restore(run: Run, wd: Workdir, checkpoint: str = "latest", on_corrupt: str = "raise"):
     """(step, TrainState) of the requested committed checkpoint; exit 5 if there is none."""
-    ckpt = CheckpointManager(wd.checkpoints)
+    ckpt = ReadOnlyCheckpoints(wd.checkpoints)
     latest = ckpt.latest_step()
     if latest is None:
         raise CheckpointError(

@@ -20,7 +20,7 @@ import numpy as np
 
 from diffusers_unified import faults
 from diffusers_unified.errors import ConfigError
-from diffusers_unified.experiment import devices
+from diffusers_unified.experiment import devices, progress
 from diffusers_unified.experiment.devices import DeviceMap
 from diffusers_unified.experiment.figures import save_npz, save_pngs, save_samples_figure
 from diffusers_unified.experiment.run import Run, build_run, host_copy, restore
@@ -53,7 +53,16 @@ def sampler_map(run: Run) -> DeviceMap:
     return DeviceMap(run.mesh, one_shard)
 
 
-def draw(run: Run, params, n: int, key, out_dir: str | None = None, seconds=None, everywhere=False):
+def draw(
+    run: Run,
+    params,
+    n: int,
+    key,
+    out_dir: str | None = None,
+    seconds=None,
+    everywhere=False,
+    desc: str = "sample",
+):
     """n samples in shards of sampling.batch_size, one shard per device at a time.
 
     Returns (samples, labels or None, NFE per sample). Shard i uses
@@ -61,7 +70,8 @@ def draw(run: Run, params, n: int, key, out_dir: str | None = None, seconds=None
     nor on the number of devices or processes. With `out_dir`, each shard
     is written atomically as it is finished (by the process that drew it)
     and shards already on disk are reused. `seconds`, a list, receives each
-    call's wall time (the first includes compiling the sampler). With
+    call's wall time (the first includes compiling the sampler). A progress
+    bar (`desc`) counts the shards. With
     several processes, the shard files (on a file system they share) are
     how process 0 sees the others' shards: it alone returns the samples,
     the others return (None, None, nfe), unless `everywhere`.
@@ -75,10 +85,14 @@ def draw(run: Run, params, n: int, key, out_dir: str | None = None, seconds=None
     num_shards = math.ceil(n / batch)
     mapped = sampler_map(run)
     shards: dict[int, dict] = {}
+    bar = progress.bar(num_shards, desc, "shard", primary=jax.process_index() == 0)
+    reused = 0
     for first in range(0, num_shards, mapped.size):
         group = range(first, min(first + mapped.size, num_shards))
         on_disk = {i for i in group if path(i) and os.path.exists(path(i))}
+        reused += len(on_disk)
         if not devices.any_process(len(on_disk) < len(group)):
+            bar.update(len(group))
             continue  # every process has every shard of the group: nothing to compute
         units = {
             "key": np.stack([np.asarray(jax.random.fold_in(key, i)) for i in group]),
@@ -98,6 +112,10 @@ def draw(run: Run, params, n: int, key, out_dir: str | None = None, seconds=None
                 save_npz(path(i), **shard)
                 faults.after_part_written(faults.KILL_AFTER_SAMPLE_SHARDS)
             shards[i] = shard
+        bar.update(len(group))
+    bar.close()
+    if out_dir is not None and jax.process_index() == 0:
+        logger.info("%d of %d sample shards reused from %s", reused, num_shards, out_dir)
     devices.barrier("draw")
     if jax.process_index() != 0 and not everywhere:
         return None, None, int(next(iter(shards.values()))["nfe"]) if shards else 0
@@ -125,13 +143,34 @@ def check_samples_a_score_model(config) -> None:
         )
 
 
-def sample(config, workdir: str, checkpoint: str = "latest", on_corrupt: str = "raise") -> str:
+def sample(
+    config,
+    workdir: str,
+    checkpoint: str = "latest",
+    on_corrupt: str = "raise",
+    force_unlock: bool = False,
+) -> str:
+    """`--mode=sample`: writes <workdir>/samples/step_<k>/samples.npz and a figure.
+
+    Process 0 holds <workdir>/samples/.lock meanwhile (one sample run at a
+    time; a training run, which holds <workdir>/.lock, may go on beside it).
+    """
     check_samples_a_score_model(config)
     wd = Workdir(workdir)
     run = build_run(config)
     step, state = restore(run, wd, checkpoint, on_corrupt)
-    if jax.process_index() == 0:
+    if jax.process_index() != 0:
+        return _sample(run, wd, step, state)
+    lock = wd.lock(force=force_unlock, where=wd.samples)
+    try:
         wd.start_logging("sample", None)
+        return _sample(run, wd, step, state)
+    finally:
+        lock.release()
+
+
+def _sample(run: Run, wd: Workdir, step: int, state) -> str:
+    config = run.config
     out_dir = os.path.join(wd.samples, f"step_{step}")
     os.makedirs(out_dir, exist_ok=True)
     key = jax.random.fold_in(jax.random.PRNGKey(config.seed), SAMPLE_STREAM + step)

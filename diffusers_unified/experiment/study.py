@@ -29,6 +29,7 @@ import numpy as np
 
 from diffusers_unified.errors import ConfigError, DiffusersUnifiedError
 from diffusers_unified.experiment import config as config_lib
+from diffusers_unified.experiment import progress
 from diffusers_unified.experiment.workdir import Workdir, atomic_write
 
 logger = logging.getLogger("diffusers_unified")
@@ -213,8 +214,12 @@ def run_study(
     if summary:
         Workdir(workdir).start_logging(f"study {study.name}", None)
     rows = []
+    bar = progress.bar(len(configs), f"study {study.name}", "variant")
     for name, config in configs:
+        bar.set_postfix_str(name)
         rows += run_variant(name, config, study, workdir)["rows"]
+        bar.update()
+    bar.close()
     if summary:
         write_results(study, rows, workdir)
     return rows
@@ -352,6 +357,7 @@ def run_parallel(study_path: str, study: Study, workdir: str, jobs: int, only=No
     ]
     running: list[tuple[str, subprocess.Popen]] = []
     failed = []
+    bar = progress.bar(len(names), f"study {study.name}", "variant", len(names) - len(pending))
     while pending or running:
         while pending and len(running) < jobs:
             name = pending.pop(0)
@@ -376,9 +382,11 @@ def run_parallel(study_path: str, study: Study, workdir: str, jobs: int, only=No
         for name, proc in list(running):
             if proc.poll() is not None:
                 running.remove((name, proc))
+                bar.update()
                 logger.info("variant %s: exit code %d", name, proc.returncode)
                 if proc.returncode:
                     failed.append((name, proc.returncode))
+    bar.close()
     if failed:
         name, code = failed[0]
         raise DiffusersUnifiedError(

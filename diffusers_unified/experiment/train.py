@@ -22,6 +22,7 @@ resumed from, so every process stops together with the same exit code.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import signal
@@ -37,8 +38,8 @@ from jax.sharding import PartitionSpec as P
 from diffusers_unified import data, errors, faults
 from diffusers_unified.errors import CheckpointError, ConfigError, NonFiniteError, Preempted
 from diffusers_unified.experiment import config as config_lib
-from diffusers_unified.experiment import devices
-from diffusers_unified.experiment.run import Run, build_run, host_copy
+from diffusers_unified.experiment import devices, progress, writers
+from diffusers_unified.experiment.run import ReadOnlyCheckpoints, Run, build_run, host_copy
 from diffusers_unified.experiment.sample import snapshot
 from diffusers_unified.experiment.workdir import Workdir
 from diffusers_unified.training.checkpoints import CheckpointManager, estimate_checkpoint_bytes
@@ -74,37 +75,62 @@ def train(
     validate_all: bool = False,
     debug_nans: bool = False,
     strict_disk: bool = False,
+    force_unlock: bool = False,
 ) -> TrainState:
     """Trains from scratch, or resumes from the newest committed checkpoint in `workdir`.
 
     resume: "auto" (resume if there is a checkpoint, else start) or "required"
-    (no checkpoint is an error, exit 5).
+    (no checkpoint is an error, exit 5). Process 0 holds the work directory's
+    lock (<workdir>/.lock) for the whole run; `force_unlock` takes it from a
+    process that holds it (see `workdir.WorkdirLock`).
     """
     wd = Workdir(workdir)
     run = build_run(config)
+    loop = functools.partial(_loop, validate_all=validate_all, debug_nans=debug_nans)
     if not _is_primary():
         # Process 0 owns the work directory; this one starts from the state it resolved
         # (only the shapes are needed here: nothing to compile).
         _share_outcome(None)
         shapes = jax.eval_shape(run.init_state)
         state = _from_primary(jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes))
-        return _loop(run, None, None, state, validate_all=validate_all, debug_nans=debug_nans)
+        return loop(run, None, None, state, writers.Writer([], "train"))
+    lock = None
     try:
-        ckpt, state = _prepare(run, wd, resume, allow_config_change, on_corrupt, strict_disk)
+        _preflight(run, wd, resume, strict_disk)
+        lock = wd.lock(force=force_unlock)
+        ckpt, state = _prepare(run, wd, resume, allow_config_change, on_corrupt)
+        start = int(state.step)
+        log = writers.open_writer(config, wd, "train", resume_step=start or None)
     except Exception as e:
         _share_outcome(e)
+        if lock is not None:
+            lock.release()
         raise
     _share_outcome(None)
-    state = _from_primary(state)
-    return _loop(run, wd, ckpt, state, validate_all=validate_all, debug_nans=debug_nans)
+    try:
+        return loop(run, wd, ckpt, _from_primary(state), log)
+    finally:
+        log.close()
+        lock.release()
 
 
-def _prepare(run: Run, wd: Workdir, resume, allow_config_change, on_corrupt, strict_disk):
-    """Process 0: checks and opens the work directory; returns (checkpoints, start state)."""
+def _preflight(run: Run, wd: Workdir, resume: str, strict_disk: bool) -> None:
+    """Checks that need no lock and write nothing: a required checkpoint, the free space."""
+    # Read-only: a live run may be saving there (its lock is not ours yet).
+    if resume == "required" and ReadOnlyCheckpoints(wd.checkpoints).latest_step() is None:
+        raise CheckpointError(
+            f"no committed checkpoint found in {wd.checkpoints}; refusing to start from "
+            "scratch because --resume=required"
+        )
+    _check_disk(wd, jax.eval_shape(run.init_state), run.config.training.keep, strict_disk)
+
+
+def _prepare(run: Run, wd: Workdir, resume, allow_config_change, on_corrupt):
+    """Process 0, holding the lock: opens the work directory; returns (checkpoints, state)."""
     config = run.config
     ckpt = CheckpointManager(wd.checkpoints, keep=config.training.keep)
     latest = ckpt.latest_step()
-    if latest is None and resume == "required":
+    if latest is None and resume == "required":  # (the checkpoint went while we waited)
         raise CheckpointError(
             f"no committed checkpoint found in {wd.checkpoints}; refusing to start from "
             "scratch because --resume=required"
@@ -113,7 +139,6 @@ def _prepare(run: Run, wd: Workdir, resume, allow_config_change, on_corrupt, str
     changes = []
     if latest is not None and saved is not None:
         changes = config_lib.check_resume_compatible(saved, config, allow_config_change)
-    wd.create()
     wd.start_logging("train", latest)
     state = run.init_state()
     if latest is None:
@@ -129,24 +154,34 @@ def _prepare(run: Run, wd: Workdir, resume, allow_config_change, on_corrupt, str
         latest = int(state.step)
         dropped = wd.truncate_metrics(latest)
         logger.info("Resuming from step %d (dropped %d metric lines past it)", latest, dropped)
-    _check_disk(wd, state, config.training.keep, strict_disk)
     return ckpt, state
 
 
 def _check_disk(wd: Workdir, state, keep: int, strict: bool) -> None:
-    """Pre-flight: do keep + 1 checkpoints fit on the disk? (warn, or fail when strict)."""
+    """Pre-flight (RELIABILITY.md, B6): do keep + 1 checkpoints fit on the disk?
+
+    A checkpoint holds the parameters, their EMA and the optimiser's slots
+    (Adam: 2) and a few scalars: `estimate_checkpoint_bytes` sums the state's
+    arrays (`state` may hold shapes only). keep + 1, because a new checkpoint
+    is committed before the oldest is pruned. Warns, or fails with exit 5
+    when `strict` (--strict_disk), naming both byte counts.
+    """
     import shutil
 
-    need = estimate_checkpoint_bytes(state) * (keep + 1)
-    free = shutil.disk_usage(wd.path).free
+    per = estimate_checkpoint_bytes(state)
+    need = per * (keep + 1)
+    where = wd.path
+    while not os.path.exists(where):  # a new work directory: the disk it will be on
+        where = os.path.dirname(where)
+    free = shutil.disk_usage(where).free
     if free < need:
         message = (
-            f"checkpoints need about {need} bytes ({keep} + 1 of "
-            f"{need // (keep + 1)} bytes) in {wd.checkpoints}, but only {free} are free"
+            f"not enough free disk space for checkpoints: {keep} + 1 checkpoints of {per} "
+            f"bytes need {need} bytes in {wd.checkpoints}, but only {free} bytes are available"
         )
         if strict:
             raise CheckpointError(message)
-        logger.warning(message)
+        logger.warning("%s (--strict_disk makes this an error)", message)
 
 
 def make_train_chunk(run: Run, traces: list[int] | None = None):
@@ -220,6 +255,54 @@ def make_train_chunk(run: Run, traces: list[int] | None = None):
     return jax.jit(chunk, out_shardings=shardings, donate_argnums=0)
 
 
+EVAL_LOSS_STREAM = 4_000_037  # keeps the held-out loss's keys apart from the updates' keys
+
+
+class HeldOutLoss:
+    """The loss of the EMA parameters on a held-out batch: the score SDE code's eval_loss.
+
+    Its k-th call uses batch k of the test split (`data.Batcher`: a pure
+    function of (seed, k), each process gathering its own rows) and the key
+    fold_in(seed key, EVAL_LOSS_STREAM + k), so a resumed run computes the
+    same numbers. The objective is the training loss (with its noise and
+    time draws), on the data as training sees it (dequantised if the config
+    dequantises), never flipped.
+    """
+
+    def __init__(self, run: Run):
+        config = run.config
+        x, y = run.dataset.split("test")
+        self.run = run
+        self.batches = data.Batcher(
+            x,
+            y if run.uses_labels else None,
+            config.seed,
+            config.training.batch_size,
+            process_index=jax.process_index(),
+            process_count=jax.process_count(),
+        )
+        scaling, dequantize = run.dataset.scaling, config.data.uniform_dequantization
+        base = jax.random.PRNGKey(config.seed)
+
+        def loss(params, stored, k):
+            key = jax.random.fold_in(base, EVAL_LOSS_STREAM + k)
+            noise_key, dequantize_key = jax.random.split(key)
+            batch = data.to_model_batch(
+                stored["x"][0],
+                None if stored["y"] is None else stored["y"][0],
+                scaling,
+                dequantize_key=dequantize_key if dequantize else None,
+            )
+            batch = jax.lax.with_sharding_constraint(batch, run.batch_sharding)
+            return run.loss_fn(params, noise_key, batch)[0]
+
+        self._loss = jax.jit(loss, out_shardings=run.replicated)
+
+    def __call__(self, state: TrainState, k: int) -> float:
+        stored = place_batches(self.run, self.batches.local([k]))
+        return float(host_copy(self._loss(state.ema_params, stored, k)))
+
+
 def batcher(run: Run) -> data.Batcher:
     """This process's assembler of training batches (host side; see `data.Batcher`)."""
     x, y = run.dataset.split("train")
@@ -257,7 +340,14 @@ def place_batches(run: Run, local: dict) -> dict:
 
 
 def _loop(
-    run: Run, wd: Workdir, ckpt: CheckpointManager, state: TrainState, *, validate_all, debug_nans
+    run: Run,
+    wd: Workdir,
+    ckpt: CheckpointManager,
+    state: TrainState,
+    log: writers.Writer,
+    *,
+    validate_all,
+    debug_nans,
 ) -> TrainState:
     """Runs updates in compiled chunks of training.n_jitted_steps (one `lax.scan` each)."""
     config, t = run.config, run.config.training
@@ -272,7 +362,8 @@ def _loop(
     # (process 0 resumed from its newest checkpoint, if any: the others' start step)
     last_saved = ckpt.latest_step() if ckpt is not None else (int(state.step) or None)
     sigterm = _SigtermFlag()
-    progress = _progress(int(state.step), t.n_iters)
+    bar = progress.bar(t.n_iters, "train", "step", int(state.step), primary=_is_primary())
+    held_out = HeldOutLoss(run) if t.eval_freq else None
     window, window_skipped, window_start, updates = [], 0, time.perf_counter(), 0
     accuracy = []
     validate = config.data.validate_batches
@@ -310,9 +401,14 @@ def _loop(
                 accuracy.extend(metrics["correct"][~skipped].tolist())
             window_skipped += int(skipped.sum())
             updates += k
-            progress.update(k)
+            bar.update(k)
             faults.after_updates(first, first + k)
             done = int(state.step)
+            eval_loss = None
+            if held_out is not None and done // t.eval_freq > first // t.eval_freq:
+                started = time.perf_counter()
+                eval_loss = held_out(state, done // t.eval_freq - 1)
+                window_start += time.perf_counter() - started  # steps/s counts updates only
             if done % t.log_freq == 0 or done == t.n_iters:
                 elapsed = time.perf_counter() - window_start
                 n_updates = len(window) + window_skipped
@@ -321,6 +417,7 @@ def _loop(
                     # the mean over the applied updates (None if every one was skipped)
                     "loss": float(np.mean(window)) if window else None,
                     "grad_norm": float(metrics["grad_norm"][-1]),
+                    "learning_rate": run.learning_rate(done),
                     "steps_per_sec": n_updates / elapsed,
                     "examples_per_sec": n_updates * t.batch_size / elapsed,
                 }
@@ -328,26 +425,35 @@ def _loop(
                     record["skipped_updates"] = window_skipped
                 if accuracy:  # a classifier's training accuracy on its noisy batches
                     record["accuracy"] = float(np.mean(accuracy))
+                if eval_loss is not None:
+                    record["eval_loss"], eval_loss = eval_loss, None
                 if wd is not None:
                     wd.append_metrics(record)
+                log.scalars(done, record)
                 loss = "n/a" if record["loss"] is None else f"{record['loss']:.5f}"
-                progress.set_postfix(loss=loss, steps_per_s=f"{record['steps_per_sec']:.1f}")
+                bar.set_postfix(loss=loss, steps_per_s=f"{record['steps_per_sec']:.1f}")
                 logger.info(
-                    "step %d: loss %s, grad norm %.3f, %.1f steps/s%s",
+                    "step %d: loss %s, grad norm %.3f, %.1f steps/s%s%s",
                     done,
                     loss,
                     record["grad_norm"],
                     record["steps_per_sec"],
                     f", {window_skipped} update(s) skipped" if window_skipped else "",
+                    f", held-out loss {record['eval_loss']:.5f}" if "eval_loss" in record else "",
                 )
                 window, window_skipped, window_start = [], 0, time.perf_counter()
                 accuracy = []
+            if eval_loss is not None:  # not on a log step: a line of its own
+                if wd is not None:
+                    wd.append_metrics({"step": done, "eval_loss": eval_loss})
+                log.scalars(done, {"eval_loss": eval_loss})
+                logger.info("step %d: held-out loss %.5f", done, eval_loss)
             if done % t.checkpoint_freq == 0 or done == t.n_iters:
                 _save(ckpt, state, done)
                 last_saved = done
             due = t.snapshot_freq and (done % t.snapshot_freq == 0 or done == t.n_iters)
             if due and wd is not None and not run.is_classifier:  # a classifier draws nothing
-                snapshot(run, wd, state, done)
+                log.image_file(done, "samples", snapshot(run, wd, state, done))
             if devices.any_process(sigterm.raised):  # every process stops after the same update
                 if last_saved != done:
                     _save(ckpt, state, done)
@@ -356,8 +462,9 @@ def _loop(
                 logger.warning("Pre-empted at step %d; checkpoint saved", done)
                 raise Preempted(f"Pre-empted at step {done}; checkpoint saved")
     finally:
-        sigterm.restore()
-        progress.close()
+        if not sigterm.raised:  # pre-empted: a later notice must not cut the exit (75) short
+            sigterm.restore()
+        bar.close()
         if ckpt is not None:
             ckpt.close()
     logger.info(
@@ -507,17 +614,3 @@ def _debug_nans(run: Run, state: TrainState, bad_step: int) -> str:
     except FloatingPointError as e:
         return f"--debug_nans: {str(e).splitlines()[0]}"
     return "--debug_nans: the update did not reproduce the non-finite value op by op."
-
-
-def _progress(start: int, total: int):
-    from tqdm import tqdm
-
-    return tqdm(
-        total=total,
-        initial=start,
-        desc="train",
-        unit="step",
-        mininterval=1.0,
-        disable=None if _is_primary() else True,
-        dynamic_ncols=True,
-    )

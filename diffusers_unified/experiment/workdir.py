@@ -1,5 +1,6 @@
 """The work directory: resolved config, logs, metrics, checkpoints and outputs.
 
+<workdir>/.lock            held by the training run writing here (pid, host, time)
 <workdir>/config.json      the resolved config of the first run (resumes compare with it)
 <workdir>/log.txt          every run's log, appended, with a marker per (re)start
 <workdir>/metrics.jsonl    training metrics, one JSON object per line, by step
@@ -7,6 +8,7 @@
 <workdir>/snapshots/       sample snapshots taken during training
 <workdir>/samples/         --mode=sample output: samples.npz, a figure, shards
 <workdir>/eval/            --mode=eval output: one JSON file per checkpoint
+<workdir>/tensorboard/     TensorBoard event files: train/ and eval/ (with tensorboardX)
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ import sys
 import time
 import uuid
 
+from diffusers_unified import faults
+from diffusers_unified.errors import ConfigError
 from diffusers_unified.experiment import config as config_lib
 
 logger = logging.getLogger("diffusers_unified")
@@ -47,6 +51,13 @@ class Workdir:
 
     def create(self) -> None:
         os.makedirs(self.path, exist_ok=True)
+
+    def lock(self, force: bool = False, where: str | None = None) -> WorkdirLock:
+        """Takes the lock of the training run (or of `where`, a folder inside the work
+        directory, e.g. eval/); see `WorkdirLock`."""
+        lock = WorkdirLock(os.path.join(where or self.path, ".lock"))
+        lock.acquire(force)
+        return lock
 
     # -- config ------------------------------------------------------------------------
     def saved_config(self):
@@ -99,3 +110,111 @@ class Workdir:
             return []
         with open(self.metrics_path) as f:
             return [json.loads(line) for line in f if line.strip()]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        return True
+    return True
+
+
+class WorkdirLock:
+    """A lock file: one process at a time writes a work directory (RELIABILITY.md, B19).
+
+    The file holds the holder's pid, host, start time and a random token. It
+    is created whole or not at all (written under a temporary name, then
+    hard-linked into place, which fails if the lock exists), so a reader
+    never sees half a lock. A lock whose pid is not alive on this host is
+    stale (its process was killed): it is broken with a warning. A lock of
+    another host, or of a live process, is an error (exit 2) unless `force`
+    (`--force_unlock`). Released on a normal exit and on errors; a SIGKILL
+    leaves it behind, stale.
+    """
+
+    def __init__(self, path: str):
+        self.path = path
+        self.token = uuid.uuid4().hex
+
+    def _read(self) -> dict | None:
+        try:
+            with open(self.path) as f:
+                holder = json.load(f)
+            return holder if isinstance(holder, dict) else {}
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):
+            return {}  # not a lock this package wrote: only --force_unlock removes it
+
+    def acquire(self, force: bool = False) -> None:
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        mine = {
+            "pid": os.getpid(),
+            "host": socket.gethostname(),
+            "since": time.strftime("%Y-%m-%d %H:%M:%S"),
+            "token": self.token,
+        }
+        tmp = f"{self.path}.tmp-{os.getpid()}"
+        atomic_write(tmp, json.dumps(mine) + "\n")
+        try:
+            for _ in range(100):  # each pass either takes the lock or breaks a stale one
+                try:
+                    os.link(tmp, self.path)
+                    logger.info("took the lock %s", self.path)
+                    faults.hold_lock()
+                    return
+                except FileExistsError:
+                    pass
+                holder = self._read()
+                if holder is None:
+                    continue  # released meanwhile
+                self._break_or_raise(holder, force)
+            raise ConfigError(f"could not take the lock {self.path}: it keeps changing hands")
+        finally:
+            os.unlink(tmp)
+
+    def _break_or_raise(self, holder: dict, force: bool) -> None:
+        pid, host = holder.get("pid"), holder.get("host")
+        since = holder.get("since", "an unknown time")
+        who = f"pid {pid} on host {host} since {since}"
+        stale = host == socket.gethostname() and isinstance(pid, int) and not _alive(pid)
+        if not (stale or force):
+            raise ConfigError(
+                f"workdir is locked by {who} (lockfile {self.path}); use --force_unlock if "
+                "that process is dead"
+            )
+        why = "its process is gone" if stale else "--force_unlock"
+        # Renamed aside first: of two processes breaking the same lock, one wins the rename.
+        aside = f"{self.path}.broken-{os.getpid()}"
+        try:
+            os.rename(self.path, aside)
+        except FileNotFoundError:
+            return
+        try:
+            with open(aside) as f:
+                taken = json.load(f)
+        except (OSError, ValueError):
+            taken = {}
+        if taken.get("token") != holder.get("token"):  # a fresh lock replaced the stale one
+            try:
+                os.link(aside, self.path)
+            except FileExistsError:
+                pass
+        else:
+            logger.warning("breaking the stale lock of %s (lockfile %s): %s", who, self.path, why)
+        os.unlink(aside)
+
+    def release(self) -> None:
+        """Removes the lock if it is still this process's own."""
+        holder = self._read()
+        if holder and holder.get("token") == self.token:
+            os.unlink(self.path)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.release()

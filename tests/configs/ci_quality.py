@@ -8,8 +8,8 @@ quickstart: with 10 the network never sees the levels between them, which
 the continuous-time samplers visit.
 """
 
-from configs import formulations
-from configs.default import get_config as default_config
+from diffusers_unified.experiment.configs import formulations
+from diffusers_unified.experiment.configs.default import get_config as default_config
 
 
 def get_config(formulation: str = "ddpm"):

@@ -11,8 +11,8 @@ ncsn, vpsde, subvpsde, vesde; default vpsde) with its loss and sampler
 defaults from configs/formulations.py.
 """
 
-from configs import formulations
-from configs.default import get_config as default_config
+from diffusers_unified.experiment.configs import formulations
+from diffusers_unified.experiment.configs.default import get_config as default_config
 
 
 def get_config(formulation: str = "vpsde"):

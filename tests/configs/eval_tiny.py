@@ -6,8 +6,8 @@ held-out examples in batches of 32, so an eval has three likelihood parts per
 kind to be interrupted between.
 """
 
-from configs import formulations
-from configs.default import get_config as default_config
+from diffusers_unified.experiment.configs import formulations
+from diffusers_unified.experiment.configs.default import get_config as default_config
 
 
 def get_config():

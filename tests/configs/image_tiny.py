@@ -5,8 +5,8 @@ For the tests of image-only features (FID / IS / KID, PNG files): small enough t
 Inception network, at 299x299 per image, embeds its few dozen images in seconds.
 """
 
-from configs import formulations
-from configs.default import get_config as default_config
+from diffusers_unified.experiment.configs import formulations
+from diffusers_unified.experiment.configs.default import get_config as default_config
 
 
 def get_config():

@@ -1,8 +1,0 @@
-"""subvpsde on the digits preset (see configs/formulations.py)."""
-
-from configs import formulations
-from configs.default import get_config as default_config
-
-
-def get_config():
-    return formulations.subvpsde(formulations.digits(default_config()))

@@ -1,0 +1,1 @@
+"""CelebA 64x64 config: the score SDE paper's NCSN++ (see ../formulations.py)."""

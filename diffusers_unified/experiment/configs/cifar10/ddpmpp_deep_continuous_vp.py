@@ -1,0 +1,15 @@
+"""DDPM++ cont. (deep, VP) on CIFAR-10: 106,632,579 parameters.
+
+The score SDE paper's deep DDPM++ cont. (VP) (Song et al. 2021, Table 3):
+configs/vp/cifar10_ddpmpp_deep_continuous.py of its reference code (8
+residual blocks per resolution, 950,000 updates); parameter count from that
+code's own network under `jax.eval_shape`.
+"""
+
+from diffusers_unified.experiment.configs import formulations
+from diffusers_unified.experiment.configs.default import get_config as default_config
+
+
+def get_config():
+    config = formulations.vpsde(formulations.cifar10(default_config()))
+    return formulations.ddpmpp(config, deep=True)

@@ -1,0 +1,1 @@
+"""ddpm on the toy2d and digits presets (see ../formulations.py)."""

@@ -1,0 +1,1 @@
+"""vesde on the toy2d and digits presets (see ../formulations.py)."""
