@@ -426,3 +426,16 @@ def test_on_corrupt_fallback_quarantines_and_restores_previous(tmp_path, caplog)
     with pytest.raises(CheckpointError, match="no older committed checkpoint"):
         mgr.restore(on_corrupt="fallback")
     assert mgr.all_steps() == []
+
+
+def test_a_read_only_manager_removes_nothing_and_refuses_to_save(tmp_path):
+    """Readers (sample, eval) may open a directory a training run is saving into."""
+    CheckpointManager(tmp_path).save(5, {"w": jnp.zeros(1)})
+    (tmp_path / "10.orbax-checkpoint-tmp").mkdir()  # a save in progress elsewhere
+    reader = CheckpointManager(tmp_path, read_only=True)
+    assert reader.all_steps() == [5]
+    assert "10.orbax-checkpoint-tmp" in os.listdir(tmp_path)
+    with pytest.raises(CheckpointError, match="read-only; cannot save step 6"):
+        reader.save(6, {"w": jnp.zeros(1)})
+    restored, _ = reader.restore()
+    np.testing.assert_array_equal(restored["w"], [0.0])

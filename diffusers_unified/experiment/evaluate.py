@@ -37,7 +37,7 @@ from diffusers_unified.errors import CheckpointError
 from diffusers_unified.experiment import devices, inception_eval, kinds, progress, writers
 from diffusers_unified.experiment.devices import DeviceMap
 from diffusers_unified.experiment.figures import save_npz
-from diffusers_unified.experiment.run import ReadOnlyCheckpoints, Run, build_run, restore
+from diffusers_unified.experiment.run import Run, build_run, restore
 from diffusers_unified.experiment.sample import (
     SAMPLE_STREAM,
     check_finite_samples,
@@ -47,6 +47,7 @@ from diffusers_unified.experiment.sample import (
 )
 from diffusers_unified.experiment.selection import Selection, agreed, steps_to_evaluate
 from diffusers_unified.experiment.workdir import Workdir, atomic_write
+from diffusers_unified.training.checkpoints import CheckpointManager
 
 logger = logging.getLogger("diffusers_unified")
 
@@ -78,7 +79,9 @@ def evaluate(
     inception_eval.check_config(config, run.dataset)
     selection = Selection.parse(checkpoint, config.training.n_iters)
     primary = jax.process_index() == 0
-    steps = agreed(steps_to_evaluate(ReadOnlyCheckpoints(wd.checkpoints), selection, wait))
+    steps = agreed(
+        steps_to_evaluate(CheckpointManager(wd.checkpoints, read_only=True), selection, wait)
+    )
     step = next(steps, None)  # a missing checkpoint fails here, before anything is written
     lock = wd.lock(force=force_unlock, where=wd.eval) if primary else None
     log = writers.open_writer(config, wd, "eval") if primary else writers.Writer([], "eval")
@@ -124,7 +127,7 @@ def _evaluate_step(run: Run, wd: Workdir, step: int, on_corrupt: str, tag: str, 
     try:
         step, state = restore(run, wd, str(step), on_corrupt)
     except CheckpointError:
-        if single or step in ReadOnlyCheckpoints(wd.checkpoints).all_steps():
+        if single or step in CheckpointManager(wd.checkpoints, read_only=True).all_steps():
             raise
         logger.warning("checkpoint %d was removed before it could be evaluated; skipped", step)
         return None

@@ -356,21 +356,9 @@ def resolve_auto(config, ds: data.Dataset):
     return resolved
 
 
-class ReadOnlyCheckpoints(CheckpointManager):
-    """A checkpoint manager that never removes a leftover temporary directory.
-
-    For readers (sample, eval, pre-flight checks) of a checkpoint directory
-    that a training run may be writing at the same time: its temporary
-    directories are saves in progress, not the leftovers of a dead save.
-    """
-
-    def cleanup(self) -> list[str]:
-        return []
-
-
 def restore(run: Run, wd: Workdir, checkpoint: str = "latest", on_corrupt: str = "raise"):
     """(step, TrainState) of the requested committed checkpoint; exit 5 if there is none."""
-    ckpt = ReadOnlyCheckpoints(wd.checkpoints)
+    ckpt = CheckpointManager(wd.checkpoints, read_only=True)
     latest = ckpt.latest_step()
     if latest is None:
         raise CheckpointError(

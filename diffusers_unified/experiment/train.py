@@ -39,7 +39,7 @@ from diffusers_unified import data, errors, faults
 from diffusers_unified.errors import CheckpointError, ConfigError, NonFiniteError, Preempted
 from diffusers_unified.experiment import config as config_lib
 from diffusers_unified.experiment import devices, progress, writers
-from diffusers_unified.experiment.run import ReadOnlyCheckpoints, Run, build_run, host_copy
+from diffusers_unified.experiment.run import Run, build_run, host_copy
 from diffusers_unified.experiment.sample import snapshot
 from diffusers_unified.experiment.workdir import Workdir
 from diffusers_unified.training.checkpoints import CheckpointManager, estimate_checkpoint_bytes
@@ -117,7 +117,10 @@ def train(
 def _preflight(run: Run, wd: Workdir, resume: str, strict_disk: bool) -> None:
     """Checks that need no lock and write nothing: a required checkpoint, the free space."""
     # Read-only: a live run may be saving there (its lock is not ours yet).
-    if resume == "required" and ReadOnlyCheckpoints(wd.checkpoints).latest_step() is None:
+    if (
+        resume == "required"
+        and CheckpointManager(wd.checkpoints, read_only=True).latest_step() is None
+    ):
         raise CheckpointError(
             f"no committed checkpoint found in {wd.checkpoints}; refusing to start from "
             "scratch because --resume=required"

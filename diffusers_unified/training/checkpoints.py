@@ -118,10 +118,19 @@ class CheckpointManager:
       `wait_until_finished` or `close`, and the failed step is never listed.
     * Construction removes leftover temporary directories (see `cleanup`) but
       never creates the directory: a mistyped path stays absent and restoring
-      from it fails loudly (the first `save` creates it).
+      from it fails loudly (the first `save` creates it). With `read_only` (a
+      reader, such as sample or eval, of a directory that a training run may
+      be writing) it removes nothing, and `save` is refused.
     """
 
-    def __init__(self, directory: str | os.PathLike, keep: int | None = None, async_save=False):
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        keep: int | None = None,
+        async_save=False,
+        *,
+        read_only: bool = False,
+    ):
         if keep is not None and (isinstance(keep, bool) or not isinstance(keep, int)):
             raise ValueError(f"keep must be a non-negative integer or None, got {keep!r}")
         if keep is not None and keep < 0:
@@ -135,15 +144,18 @@ class CheckpointManager:
             )
         self.keep = keep or None
         self.async_save = bool(async_save)
+        self.read_only = bool(read_only)
         self._pending: int | None = None
         self._before: list[int] = []  # committed steps when the pending save started
         self._closed = False
-        self.cleanup()
+        if not self.read_only:  # a reader's temporary directories may be saves in progress
+            self.cleanup()
         me = jax.process_index()
         options = ocp.CheckpointManagerOptions(
             preservation_policy=NewestSteps(self.keep),
             create=False,
             cleanup_tmp_directories=False,  # `cleanup` does it, and says so
+            read_only=self.read_only,
             enable_async_checkpointing=self.async_save,
             temporary_path_class=manifest.ManifestTemporaryPath,
             multiprocessing_options=ocp.options.MultiprocessingOptions(
@@ -226,8 +238,9 @@ class CheckpointManager:
         case this save is not started). Synchronous saves return once the step
         is committed and pruning is done.
         """
-        if self._closed:
-            raise CheckpointError(f"{self!r} is closed; cannot save step {step}")
+        if self._closed or self.read_only:
+            what = "read-only" if self.read_only else "closed"
+            raise CheckpointError(f"{self!r} is {what}; cannot save step {step}")
         step = _check_step(step)
         self.wait_until_finished()
         final = self.step_path(step)
