@@ -5,7 +5,7 @@ parameters; with `--networks ddpm,ddpmpp` also DDPM++ cont., 61.8 M) and each
 activation dtype (float32, bfloat16; `model.dtype`):
 
 - training images/s at batch 128: the train step the launcher runs
-  (`experiment.train.make_train_chunk`: data to model inputs, loss, Adam,
+  (`experiment.updates.make_train_chunk`: data to model inputs, loss, Adam,
   EMA, gradient norm), best of `--repeats` steps after a warm-up;
 - sampling network evaluations/s at batch 256: the score function a
   sampler calls (the EMA network and its parametrization), in batched calls
@@ -60,7 +60,7 @@ def matmul_peak(dtype, repeats: int) -> tuple[callable, float]:
 def build(network: str, dtype: str, batch: int):
     """The network's Run (with shape-only data: throughput needs no images) and its chunk."""
     from diffusers_unified.experiment import config as config_lib
-    from diffusers_unified.experiment import train
+    from diffusers_unified.experiment import updates
     from diffusers_unified.experiment.run import build_run
 
     config = config_lib.load_module(os.path.join(ROOT, CONFIGS[network])).get_config()
@@ -69,7 +69,7 @@ def build(network: str, dtype: str, batch: int):
     config.training.batch_size = batch
     config.training.n_jitted_steps = 1
     run = build_run(config)
-    return run, train
+    return run, updates
 
 
 def best(fn, repeats: int) -> float:
@@ -85,11 +85,11 @@ def best(fn, repeats: int) -> float:
 def measure(network: str, dtype: str, args) -> dict:
     from diffusers_unified.training.step import make_train_step
 
-    run, train = build(network, dtype, args.batch)
+    run, updates = build(network, dtype, args.batch)
     state = jax.device_put(run.init_state(), run.replicated)
-    chunk = train.make_train_chunk(run)
-    batches = train.batcher(run)
-    placed = train.place_batches(run, batches.local([0]))
+    chunk = updates.make_train_chunk(run)
+    batches = updates.batcher(run)
+    placed = updates.place_batches(run, batches.local([0]))
     scales = np.ones(1, np.float32)
     holder = {"state": state}
 

@@ -1,6 +1,6 @@
 """Training throughput of the real train path, and how close the MLP step runs to peak.
 
-Two models, each trained by `experiment.train.make_train_chunk` (the jitted
+Two models, each trained by `experiment.updates.make_train_chunk` (the jitted
 `lax.scan` of `training.n_jitted_steps` updates that `--mode=train` runs, with
 the data gather, loss, Adam, EMA and gradient norm inside, state donated):
 
@@ -65,15 +65,15 @@ def _chunk_runner(config_path: str, batch: int):
     import numpy as np
 
     from diffusers_unified.experiment import config as config_lib
-    from diffusers_unified.experiment import train
+    from diffusers_unified.experiment import updates
     from diffusers_unified.experiment.run import build_run
 
     config = config_lib.load_module(config_path).get_config()
     config.training.batch_size = batch
     run = build_run(config)
     k = config.training.n_jitted_steps
-    batches = train.batcher(run)
-    chunk = train.make_train_chunk(run)
+    batches = updates.batcher(run)
+    chunk = updates.make_train_chunk(run)
     scales = np.ones(k, np.float32)
     holder = {"state": jax.device_put(run.init_state(), run.replicated), "step": 0}
 
@@ -82,7 +82,7 @@ def _chunk_runner(config_path: str, batch: int):
         local = batches.local(range(first, first + k))
         holder["step"] += k
         start = time.perf_counter()  # the host gather happens in the loop too: not timed
-        placed = train.place_batches(run, local)
+        placed = updates.place_batches(run, local)
         holder["state"], metrics = chunk(holder["state"], placed, scales)
         jax.block_until_ready(metrics)
         return time.perf_counter() - start

@@ -105,7 +105,7 @@ def test_the_held_out_loss_is_the_ema_training_loss_on_test_batches(tmp_path_fac
     from diffusers_unified import data
     from diffusers_unified.experiment import config as config_lib
     from diffusers_unified.experiment.run import build_run
-    from diffusers_unified.experiment.train import EVAL_LOSS_STREAM
+    from diffusers_unified.experiment.updates import EVAL_LOSS_STREAM
 
     workdir, _ = tensorboard_run(tmp_path_factory)
     rows = lu.read_metrics(workdir)

@@ -628,7 +628,7 @@ def test_b22_devices_draw_different_noise(tmp_path):
         import jax
         import numpy as np
         from diffusers_unified.experiment import config as config_lib
-        from diffusers_unified.experiment.train import build_run
+        from diffusers_unified.experiment.run import build_run
 
         run = build_run(config_lib.load_module({str(lu.CI_TINY)!r}).get_config())
         params = run.init_state().params

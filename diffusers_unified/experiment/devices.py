@@ -8,6 +8,9 @@ there are, so running G units at once, one per device of the mesh (every
 process's devices, `jax.sharding`), gives the one-device result within
 float tolerance, and a run may resume on another number of devices.
 
+The module also holds what several processes need to agree: `any_process`,
+`barrier`, and process 0's outcome and state shared with the others.
+
 `DeviceMap` runs a function on G units at once with `jax.shard_map` over
 the mesh's "data" axis: unit j of a call on the device at mesh position j,
 its inputs sliced there, the rest (parameters, score function) replicated.
@@ -21,6 +24,8 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+
+from diffusers_unified import errors
 
 
 class DeviceMap:
@@ -101,3 +106,43 @@ def barrier(name: str) -> None:
     """Every process waits here until all have arrived (a no-op for one process)."""
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices(name)
+
+
+def is_primary() -> bool:
+    """Process 0 owns the work directory: config, log, metrics, checkpoints, snapshots."""
+    return jax.process_index() == 0
+
+
+def from_primary(tree):
+    """`tree` (arrays of equal shapes everywhere) as process 0 holds it, on every process."""
+    if jax.process_count() == 1:
+        return tree
+    return multihost_utils.broadcast_one_to_all(tree)
+
+
+_EXIT_CODE_ERRORS = {
+    cls.exit_code: cls
+    for cls in (
+        errors.ConfigError,
+        errors.NonFiniteError,
+        errors.DataError,
+        errors.CheckpointError,
+        errors.Preempted,
+    )
+}
+
+
+def share_outcome(error: BaseException | None) -> None:
+    """Process 0 tells the others whether something only it does (open, resume, save) worked.
+
+    Called by every process at the same point. Where process 0 failed, the
+    others raise the error type of its exit code, so every process exits with
+    that code instead of waiting at the next collective for a process that
+    has gone.
+    """
+    if jax.process_count() == 1:
+        return
+    code = int(from_primary(np.int32(getattr(error, "exit_code", 1) if error else 0)))
+    if code and not is_primary():
+        cls = _EXIT_CODE_ERRORS.get(code, errors.DiffusersUnifiedError)
+        raise cls(f"process 0 failed (exit code {code}); its log says why")

@@ -31,16 +31,19 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental import multihost_utils
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
-from diffusers_unified import data, errors, faults
-from diffusers_unified.errors import CheckpointError, ConfigError, NonFiniteError, Preempted
+from diffusers_unified import data, faults
+from diffusers_unified.errors import CheckpointError, NonFiniteError, Preempted
 from diffusers_unified.experiment import config as config_lib
 from diffusers_unified.experiment import devices, progress, writers
 from diffusers_unified.experiment.run import Run, build_run, host_copy
 from diffusers_unified.experiment.sample import snapshot
+from diffusers_unified.experiment.updates import (
+    HeldOutLoss,
+    batcher,
+    make_train_chunk,
+    place_batches,
+)
 from diffusers_unified.experiment.workdir import Workdir
 from diffusers_unified.training.checkpoints import CheckpointManager, estimate_checkpoint_bytes
 from diffusers_unified.training.state import TrainState
@@ -87,12 +90,12 @@ def train(
     wd = Workdir(workdir)
     run = build_run(config)
     loop = functools.partial(_loop, validate_all=validate_all, debug_nans=debug_nans)
-    if not _is_primary():
+    if not devices.is_primary():
         # Process 0 owns the work directory; this one starts from the state it resolved
         # (only the shapes are needed here: nothing to compile).
-        _share_outcome(None)
+        devices.share_outcome(None)
         shapes = jax.eval_shape(run.init_state)
-        state = _from_primary(jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes))
+        state = devices.from_primary(jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes))
         return loop(run, None, None, state, writers.Writer([], "train"))
     lock = None
     try:
@@ -102,13 +105,13 @@ def train(
         start = int(state.step)
         log = writers.open_writer(config, wd, "train", resume_step=start or None)
     except Exception as e:
-        _share_outcome(e)
+        devices.share_outcome(e)
         if lock is not None:
             lock.release()
         raise
-    _share_outcome(None)
+    devices.share_outcome(None)
     try:
-        return loop(run, wd, ckpt, _from_primary(state), log)
+        return loop(run, wd, ckpt, devices.from_primary(state), log)
     finally:
         log.close()
         lock.release()
@@ -187,161 +190,6 @@ def _check_disk(wd: Workdir, state, keep: int, strict: bool) -> None:
         logger.warning("%s (--strict_disk makes this an error)", message)
 
 
-def make_train_chunk(run: Run, traces: list[int] | None = None):
-    """`chunk(state, batches, loss_scales) -> (state, metrics)`: len(loss_scales) updates.
-
-    `batches` holds the chunk's batches in stored form, {"x": (k, B, ...),
-    "y": (k, B) or None}, sharded over the mesh along the batch axis (see
-    `place_batches`). Update i turns batch i into model inputs on the
-    devices (dequantised and randomly flipped with keys of (seed, step) when
-    the config asks), constrains it to the data sharding and applies the
-    train step with loss scale loss_scales[i]. The state is donated and
-    comes back replicated; metrics come back stacked, one entry per update.
-    `traces[0]` counts compilations. This is what training runs, and what
-    experiments/train_throughput.py times.
-
-    The updates run as one compiled `lax.scan`, so a chunk costs one dispatch
-    (and XLA:CPU runs the loop body's operations one after another, which
-    keeps the MLP step at ~0.7 of the matmul peak against ~0.5 for a single
-    jitted step), except for convolutional networks on CPU (see
-    `kinds.NetKind.convolutional`): there the chunk dispatches one compiled
-    update per batch.
-    """
-    config = run.config
-    dequantize, flip = config.data.uniform_dequantization, config.data.random_flip
-    conditional = run.uses_labels
-    scaling = run.dataset.scaling
-    step_fn = make_train_step(
-        run.loss_fn,
-        run.optimizer,
-        config.model.ema_rate,
-        skip_nonfinite=config.optim.skip_nonfinite > 0,
-        report=("correct",) if run.is_classifier else (),
-    )
-    traces = [0] if traces is None else traces
-    shardings = (run.replicated, run.replicated)
-
-    def update(state, stored, loss_scale):
-        batch = data.to_model_batch(
-            stored["x"],
-            stored["y"] if conditional else None,
-            scaling,
-            dequantize_key=data.dequantize_key(config.seed, state.step) if dequantize else None,
-            flip_key=data.flip_key(config.seed, state.step) if flip else None,
-        )
-        batch = jax.lax.with_sharding_constraint(batch, run.batch_sharding)
-        return step_fn(state, batch, loss_scale)
-
-    if run.net_kind.convolutional and jax.default_backend() == "cpu":
-
-        def counted(*args):
-            traces[0] += 1  # runs only while tracing: counts compilations
-            return update(*args)
-
-        one = jax.jit(counted, out_shardings=shardings, donate_argnums=0)
-
-        def dispatched(state, batches, loss_scales):
-            metrics = []
-            for i, loss_scale in enumerate(loss_scales):
-                batch = {k: None if v is None else v[i] for k, v in batches.items()}
-                state, m = one(state, batch, loss_scale)
-                metrics.append(m)
-            return state, jax.tree.map(lambda *ms: jnp.stack(ms), *metrics)
-
-        return dispatched
-
-    def chunk(state, batches, loss_scales):
-        traces[0] += 1  # runs only while tracing: counts compilations
-        body = lambda state, inputs: update(state, *inputs)
-        return jax.lax.scan(body, state, (batches, loss_scales))
-
-    return jax.jit(chunk, out_shardings=shardings, donate_argnums=0)
-
-
-EVAL_LOSS_STREAM = 4_000_037  # keeps the held-out loss's keys apart from the updates' keys
-
-
-class HeldOutLoss:
-    """The loss of the EMA parameters on a held-out batch: the score SDE code's eval_loss.
-
-    Its k-th call uses batch k of the test split (`data.Batcher`: a pure
-    function of (seed, k), each process gathering its own rows) and the key
-    fold_in(seed key, EVAL_LOSS_STREAM + k), so a resumed run computes the
-    same numbers. The objective is the training loss (with its noise and
-    time draws), on the data as training sees it (dequantised if the config
-    dequantises), never flipped.
-    """
-
-    def __init__(self, run: Run):
-        config = run.config
-        x, y = run.dataset.split("test")
-        self.run = run
-        self.batches = data.Batcher(
-            x,
-            y if run.uses_labels else None,
-            config.seed,
-            config.training.batch_size,
-            process_index=jax.process_index(),
-            process_count=jax.process_count(),
-        )
-        scaling, dequantize = run.dataset.scaling, config.data.uniform_dequantization
-        base = jax.random.PRNGKey(config.seed)
-
-        def loss(params, stored, k):
-            key = jax.random.fold_in(base, EVAL_LOSS_STREAM + k)
-            noise_key, dequantize_key = jax.random.split(key)
-            batch = data.to_model_batch(
-                stored["x"][0],
-                None if stored["y"] is None else stored["y"][0],
-                scaling,
-                dequantize_key=dequantize_key if dequantize else None,
-            )
-            batch = jax.lax.with_sharding_constraint(batch, run.batch_sharding)
-            return run.loss_fn(params, noise_key, batch)[0]
-
-        self._loss = jax.jit(loss, out_shardings=run.replicated)
-
-    def __call__(self, state: TrainState, k: int) -> float:
-        stored = place_batches(self.run, self.batches.local([k]))
-        return float(host_copy(self._loss(state.ema_params, stored, k)))
-
-
-def batcher(run: Run) -> data.Batcher:
-    """This process's assembler of training batches (host side; see `data.Batcher`)."""
-    x, y = run.dataset.split("train")
-    config = run.config
-    if config.data.uniform_dequantization and run.dataset.bits is None:
-        raise ConfigError(
-            "data.uniform_dequantization=True needs quantised data (integer levels), but "
-            f"dataset {run.dataset.name!r} declares no bit depth"
-        )
-    if config.data.random_flip and run.dataset.kind != "image":
-        raise ConfigError(
-            f"data.random_flip=True needs images; dataset {run.dataset.name!r} is not"
-        )
-    return data.Batcher(
-        x,
-        y if run.uses_labels else None,
-        config.seed,
-        config.training.batch_size,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-    )
-
-
-def place_batches(run: Run, local: dict) -> dict:
-    """This process's rows of a chunk's batches -> global arrays sharded along the batch axis.
-
-    Each process hands over only its own rows (`Batcher.local`); they land on
-    its own devices.
-    """
-    sharding = NamedSharding(run.mesh, P(None, "data"))
-    return {
-        k: None if v is None else jax.make_array_from_process_local_data(sharding, v)
-        for k, v in local.items()
-    }
-
-
 def _loop(
     run: Run,
     wd: Workdir,
@@ -365,7 +213,7 @@ def _loop(
     # (process 0 resumed from its newest checkpoint, if any: the others' start step)
     last_saved = ckpt.latest_step() if ckpt is not None else (int(state.step) or None)
     sigterm = _SigtermFlag()
-    bar = progress.bar(t.n_iters, "train", "step", int(state.step), primary=_is_primary())
+    bar = progress.bar(t.n_iters, "train", "step", int(state.step), primary=devices.is_primary())
     held_out = HeldOutLoss(run) if t.eval_freq else None
     window, window_skipped, window_start, updates = [], 0, time.perf_counter(), 0
     accuracy = []
@@ -482,58 +330,15 @@ def _loop(
 def _save(ckpt: CheckpointManager | None, state: TrainState, step: int) -> None:
     """Process 0 writes (the manager is single-writer); the others wait for its outcome."""
     if ckpt is None:
-        _share_outcome(None)
+        devices.share_outcome(None)
         return
     try:
         host = jax.tree.map(host_copy, state)
         ckpt.save(step, host, metadata={"step": step})
     except Exception as e:
-        _share_outcome(e)
+        devices.share_outcome(e)
         raise
-    _share_outcome(None)
-
-
-# -- several processes ---------------------------------------------------------------------
-
-
-def _is_primary() -> bool:
-    """Process 0 owns the work directory: config, log, metrics, checkpoints, snapshots."""
-    return jax.process_index() == 0
-
-
-def _from_primary(tree):
-    """`tree` (arrays of equal shapes everywhere) as process 0 holds it, on every process."""
-    if jax.process_count() == 1:
-        return tree
-    return multihost_utils.broadcast_one_to_all(tree)
-
-
-_EXIT_CODE_ERRORS = {
-    cls.exit_code: cls
-    for cls in (
-        errors.ConfigError,
-        errors.NonFiniteError,
-        errors.DataError,
-        errors.CheckpointError,
-        errors.Preempted,
-    )
-}
-
-
-def _share_outcome(error: BaseException | None) -> None:
-    """Process 0 tells the others whether something only it does (open, resume, save) worked.
-
-    Called by every process at the same point. Where process 0 failed, the
-    others raise the error type of its exit code, so every process exits with
-    that code instead of waiting at the next collective for a process that
-    has gone.
-    """
-    if jax.process_count() == 1:
-        return
-    code = int(_from_primary(np.int32(getattr(error, "exit_code", 1) if error else 0)))
-    if code and not _is_primary():
-        cls = _EXIT_CODE_ERRORS.get(code, errors.DiffusersUnifiedError)
-        raise cls(f"process 0 failed (exit code {code}); its log says why")
+    devices.share_outcome(None)
 
 
 def _dump_state(state: TrainState) -> None:
