@@ -22,7 +22,7 @@ from diffusers_unified.experiment import describe
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 IMAGE_CONFIGS = sorted(
-    [*(CONFIGS / "cifar10").glob("*.py"), *(CONFIGS / "celeba64").glob("*.py")],
+    [*(CONFIGS / "cifar10").glob("[!_]*.py"), *(CONFIGS / "celeba64").glob("[!_]*.py")],
     key=lambda p: p.name,
 )
 
