@@ -144,8 +144,7 @@ def compute_bound(steps: int, rounds: int, checks: Checks):
             overhead >= 0.95, f"{name}: overhead {overhead:.3f} < 0.95 (faster than its NFE)"
         )
         print(
-            f"{name}: NFE {nfe}, {seconds:.3f} s, overhead {overhead:.3f}, "
-            f"{fraction:.2f} of peak",
+            f"{name}: NFE {nfe}, {seconds:.3f} s, overhead {overhead:.3f}, {fraction:.2f} of peak",
             flush=True,
         )
     return rows, figures, {"peak": peak, "t_forward": t_forward, "fraction": forward_fraction}
@@ -203,9 +202,8 @@ def overhead_bound(rounds: int, checks: Checks):
             "floor_seconds": best[f"{name} floor"],
             "ratio_to_floor": ratio,
         }
-        rows.append(
-            [name, round(best[name] * 1e3, 2), round(best[f"{name} floor"] * 1e3, 2), round(ratio, 3)]
-        )
+        floor_ms = best[f"{name} floor"] * 1e3
+        rows.append([name, round(best[name] * 1e3, 2), round(floor_ms, 2), round(ratio, 3)])
         checks.check(ratio >= 0.95, f"small MLP {name}: {ratio:.3f} of its floor (< 0.95)")
         print(f"small MLP {name}: {best[name] * 1e3:.2f} ms, {ratio:.3f} x its floor", flush=True)
     return rows, figures
