@@ -5,8 +5,10 @@ on the grid alone from it once, before their loop (in float64, cast once),
 where they computed them at every step in float32, and draw their noise in
 blocks of steps, each step's from its own key as before. The draws are the
 same bits (checked below); the coefficients differ from the old ones by
-float32 rounding, and so do the samples. The fixture holds what the old code
-drew on a fixed key (tests/fixtures/make_sampler_fixture.py).
+float32 rounding, and so do the samples. The adaptive solvers are diffrax's
+Dopri5 and Tsit5 with their stages unrolled (`samplers.unrolled`): the same
+tableaux, summed in another order. The fixture holds what the old code drew
+on a fixed key (tests/fixtures/make_sampler_fixture.py).
 """
 
 import dataclasses
@@ -29,12 +31,7 @@ OLD = np.load(FIXTURE)
 EPS32 = float(np.finfo(np.float32).eps)
 
 
-# The adaptive ODE sampler's path did not change (its drift is evaluated at the
-# solver's own times); the fixture keeps it as a witness, the test skips it.
-CHANGED = [name for name in CASES if name != "ode_dopri5_vpsde"]
-
-
-@pytest.mark.parametrize("name", CHANGED)
+@pytest.mark.parametrize("name", CASES)
 def test_samples_move_only_by_float_rounding(name):
     """Old and new samples (or log-likelihoods) on the same key, and the same NFE.
 

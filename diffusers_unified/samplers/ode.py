@@ -3,7 +3,8 @@
 dx/dt = f(t) x - 1/2 g(t)^2 score(x, t), integrated from the prior at T down
 to t_min (`probability_flow`, `decode`) or from data up to T (`encode`): with
 fixed steps (Euler, Heun, RK4) in one `lax.scan`, or adaptively with diffrax
-(Dopri5, the score SDE code's RK45; or Tsit5) inside jit. On a fixed grid,
+(Dopri5, the score SDE code's RK45; or Tsit5; their stages unrolled, see
+`samplers.unrolled`) inside jit. On a fixed grid,
 f(t) and g(t)^2 at every node of every step are computed once, before the
 loop (`solve_flow`).
 """
@@ -74,11 +75,12 @@ ADAPTIVE = ("dopri5", "tsit5")
 
 
 def adaptive_solver(method: str):
-    """The diffrax solver named `method` (diffrax is imported on first use: it is slow to
-    import, and the launcher's other paths never need it)."""
-    import diffrax
+    """The diffrax solver for `method`: diffrax's Dopri5 or Tsit5 tableau with its stages
+    unrolled (`samplers.unrolled`: the same method, a cheaper step). diffrax is imported on
+    first use: it is slow to import, and the launcher's other paths never need it."""
+    from diffusers_unified.samplers.unrolled import SOLVERS
 
-    return {"dopri5": diffrax.Dopri5, "tsit5": diffrax.Tsit5}[method]()
+    return SOLVERS[method]()
 
 
 METHODS = (*FIXED_STEP, *ADAPTIVE)
@@ -167,6 +169,13 @@ def solve_flow(process: Process, score_fn: ScoreFn, x, ts, method: str, project=
     return solve_grid(flow_drift(score_fn), x, dts, points, method, project, key, ends)
 
 
+def materialized(y):
+    """y computed once, before a solve: XLA may otherwise fuse y's computation (a prior draw)
+    into several of the solver's first operations, each rounding it its own way, and an
+    adaptive solver's step choices then depend on how the program around it was compiled."""
+    return jax.lax.optimization_barrier(y)
+
+
 def solve_adaptive(f, x, t0, t1, method: str, rtol: float, atol: float, max_steps: int):
     """Integrates dx/dt = f(x, t) from t0 to t1 with diffrax; returns (x(t1), NFE).
 
@@ -184,7 +193,7 @@ def solve_adaptive(f, x, t0, t1, method: str, rtol: float, atol: float, max_step
         t0=t0,
         t1=t1,
         dt0=None,
-        y0=x,
+        y0=materialized(x),
         stepsize_controller=diffrax.PIDController(rtol=rtol, atol=atol),
         saveat=diffrax.SaveAt(t1=True),
         max_steps=max_steps,
