@@ -123,7 +123,7 @@ def torch_mlp(params, hidden, emb_dim):
         for name, module in zip(names, modules, strict=True):
             module.weight.copy_(torch.from_numpy(np.asarray(params[name]["kernel"]).T.copy()))
             if module.bias is not None:
-                module.bias.copy_(torch.from_numpy(np.asarray(params[name]["bias"])))
+                module.bias.copy_(torch.from_numpy(np.array(params[name]["bias"])))
     return model
 
 

@@ -95,13 +95,15 @@ def sampler_noise(key: PRNGKey, shape: tuple[int, ...], num_points: int) -> Arra
     return jnp.concatenate([prior[None], steps(jnp.arange(num_points))])
 
 
-class _Mover:
-    """A predictor or corrector with its grid coefficients, if it plans (see `predictors`)."""
+def _plan(part, process: Process, values) -> tuple[bool, object]:
+    """Whether a predictor or corrector plans (see `samplers.predictors`), and its plan.
 
-    def __init__(self, part, process, grid):
-        self.part, self.process = part, process
-        self.plans = callable(getattr(part, "plan", None)) and callable(getattr(part, "step", None))
-        self.coefficients = as_arrays(part.plan(process, grid)) if self.plans else None
+    A planning part's coefficients on the grid come as arrays of the default
+    float type; one written elsewhere, with only `__call__`, is called step
+    by step.
+    """
+    plans = callable(getattr(part, "plan", None)) and callable(getattr(part, "step", None))
+    return plans, (as_arrays(part.plan(process, values)) if plans else None)
 
 
 @jitted_sampler
@@ -172,19 +174,20 @@ def predictor_corrector(
         x = process.prior_std * noise[0]
         step_noise = noise[1:n]
     times = as_arrays(values.t)
-    pred, corr = _Mover(predictor, process, values), _Mover(corrector, process, values)
+    predictor_plans, predictor_plan = _plan(predictor, process, values)
+    corrector_plans, corrector_plan = _plan(corrector, process, values)
     # Correctors without a `project` argument (user-written ones) still work unconditioned.
     with_project = {} if project is None else {"project": project}
     if project is not None:
         x = project(jax.random.fold_in(key_prior, 1), x, times[0])
 
     def run_corrector(key_c, x, t, c, z):
-        if corr.plans:
+        if corrector_plans:
             return corrector.step(c, score_fn, x, t, z, key_c, project)
         return corrector(key_c, score_fn, process, x, t, **with_project)
 
     def run_predictor(key_p, x, t, s, c, z):
-        if pred.plans:
+        if predictor_plans:
             return predictor.step(c, score_fn, x, t, z)
         return predictor(key_p, score_fn, process, x, t, s, **({} if z is None else {"noise": z}))
 
@@ -201,7 +204,7 @@ def predictor_corrector(
     # What each step draws: the predictor's noise (unless given, or it adds none) and the
     # corrector's, if it plans (one that does not draws its own from its key).
     predictor_draws = noise is None and getattr(predictor, "adds_noise", True)
-    corrector_draws = corrector.noise_steps if corr.plans else 0
+    corrector_draws = corrector.noise_steps if corrector_plans else 0
 
     def draw(i):
         key_c, key_p = _step_keys(key_loop, i)
@@ -210,13 +213,13 @@ def predictor_corrector(
         return z_pred, z_corr
 
     if n > 1:
-        c_corr = jax.tree.map(lambda a: a[:-1], corr.coefficients)
-        xs = (jnp.arange(n - 1), times[:-1], times[1:], pred.coefficients, c_corr, step_noise)
+        c_corr = jax.tree.map(lambda a: a[:-1], corrector_plan)
+        xs = (jnp.arange(n - 1), times[:-1], times[1:], predictor_plan, c_corr, step_noise)
         itemsize = jnp.dtype(jnp.result_type(float)).itemsize
         per_step = (predictor_draws + corrector_draws) * math.prod(shape) * itemsize
         x = scan_with_noise(step, x, xs, draw, n - 1, per_step)
     key_last = jax.random.fold_in(key_loop, n - 1)
-    c_last = jax.tree.map(lambda a: a[-1], corr.coefficients)
+    c_last = jax.tree.map(lambda a: a[-1], corrector_plan)
     z_last = langevin_noise(key_last, shape, corrector_draws) if corrector_draws else None
     x = run_corrector(key_last, x, times[-1], c_last, z_last)
     if denoise:
