@@ -1,4 +1,5 @@
-"""Helpers shared by the experiment scripts: result tables and the final JSON line."""
+"""Helpers shared by the experiment scripts: result tables, the final JSON line, and timing
+that benchmarks can trust (interleaved best-of-many, the machine's load, self-checks)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,9 @@ import csv
 import json
 import os
 import platform
+import sys
 import time
+from collections.abc import Callable
 
 import jax
 
@@ -43,6 +46,55 @@ def timed(fn, *args, repeats: int = 3):
         jax.block_until_ready(fn(*args))
         best = min(best, time.perf_counter() - start)
     return best
+
+
+def interleaved_best(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
+    """Best wall time (seconds) of each zero-argument fn over `rounds` interleaved rounds.
+
+    Each fn is called once to compile and warm up; then every round calls each
+    fn once, in turn, and blocks on its result. Interleaving lets every figure
+    see the same machine (a shared machine's load drifts over minutes), and
+    the best of many rounds is the figure least disturbed by other work;
+    ratios of figures taken apart from each other can come out impossible
+    (a sampler faster than its own network evaluations, above the matmul peak).
+    """
+    for fn in fns.values():
+        jax.block_until_ready(fn())
+    best = dict.fromkeys(fns, float("inf"))
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            jax.block_until_ready(fn())
+            best[name] = min(best[name], time.perf_counter() - start)
+    return best
+
+
+def load_average() -> float:
+    """The machine's 1-minute load average (recorded with every benchmark's figures)."""
+    return os.getloadavg()[0]
+
+
+class Checks:
+    """A benchmark's consistency checks: `check(ok, message)`, then `finish()` exits 1 on any.
+
+    A figure that cannot be true (a fraction of the matmul peak above 1, a
+    sampler faster than its own network evaluations) means the measurement
+    is broken: the script prints why and exits non-zero rather than
+    reporting it as a result.
+    """
+
+    def __init__(self):
+        self.failures: list[str] = []
+
+    def check(self, ok: bool, message: str) -> None:
+        if not ok:
+            self.failures.append(message)
+
+    def finish(self) -> None:
+        for message in self.failures:
+            print(f"INCONSISTENT: {message}", file=sys.stderr)
+        if self.failures:
+            sys.exit(1)
 
 
 def final_json(payload: dict) -> None:

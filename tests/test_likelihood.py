@@ -87,9 +87,14 @@ def test_ode_likelihood_is_exact_on_a_gaussian(process):
     # The model's own likelihood, the prior pushed through the flow, and the
     # flow's latent, against their closed forms (same solver: its relative
     # tolerance 1e-5 gives latents within 3e-5 relative, measured, on VE's
-    # scale of 50).
+    # scale of 50). Element by element: the step size controller bounds the
+    # RMS over the state of err_i / (atol + rtol |y_i|), so a single element
+    # may exceed that scale by more than the RMS does; measured, the worst
+    # element (a latent of 0.84 among latents of up to 137, VE) reaches 9.9x
+    # (diffrax's Dopri5) and 10.5x (the same tableau unrolled) of 1e-5 + 1e-5 |z|.
     expected, z = model_log_likelihood(process, x, MEAN, COV, EPS)
-    np.testing.assert_allclose(out.latent, z, rtol=1e-4, atol=1e-4)
+    assert np.max(np.abs(out.latent - z)) < 1e-4 * np.max(np.abs(z))
+    np.testing.assert_allclose(out.latent, z, rtol=2e-4, atol=2e-4)
     assert np.max(np.abs(np.asarray(out.log_likelihood) - expected)) / 2 < 1e-3
     # bits/dim of the same, with the offset of centred 8-bit data.
     np.testing.assert_allclose(out.bpd, -expected / (2 * np.log(2)) + 7.0, rtol=0, atol=1e-3)

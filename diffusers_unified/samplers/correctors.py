@@ -5,6 +5,14 @@ project=None) -> x` with a scalar time, and declares `nfe`. Given a
 projection (`samplers.conditioning`) a corrector applies it after each of its
 MCMC steps. Reference code: the score SDE code's `sampling.py`
 (`LangevinCorrector`, `AnnealedLangevinDynamics`).
+
+As predictors do (`samplers.predictors`), the correctors here also split
+into `plan(process, grid)`, whatever depends on the grid alone (one entry per
+grid point, computed before the sampler's loop), and `step(c, score_fn, x,
+t, noise, key, project)`, which takes its `noise_steps` standard-normal draws
+as `noise` (shape `(noise_steps, *x.shape)`; the sampler draws them in
+blocks). Step j's draw is `normal(fold_in(key, j))` either way. A corrector
+written elsewhere needs only `__call__` and `nfe`.
 """
 
 from __future__ import annotations
@@ -16,8 +24,8 @@ from typing import ClassVar
 import jax
 import jax.numpy as jnp
 
-from diffusers_unified.processes import Process
-from diffusers_unified.typing import Array
+from diffusers_unified.samplers.common import GridValues
+from diffusers_unified.typing import Array, PRNGKey
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,38 +33,89 @@ class NoCorrector:
     """Leaves x unchanged (a predictor-only sampler: DDPM ancestral, DDIM, the reverse SDE)."""
 
     nfe: ClassVar[int] = 0
+    noise_steps: ClassVar[int] = 0
+
+    def plan(self, process, grid: GridValues) -> None:
+        return None
+
+    def step(self, c, score_fn, x, t, noise, key=None, project=None):
+        return x
 
     def __call__(self, key, score_fn, process, x, t, project=None):
         return x
 
 
-def _langevin(key, score_fn, x, t, n_steps, step_size_fn, project=None):
-    """n_steps of x <- x + h grad + sqrt(2 h) z, with h = step_size_fn(grad, z).
+def langevin_noise(key: PRNGKey, shape: tuple[int, ...], n_steps: int) -> Array:
+    """The draws of a corrector's `n_steps` steps from `key`: normal(fold_in(key, j)), stacked."""
+    return jax.vmap(lambda j: jax.random.normal(jax.random.fold_in(key, j), shape))(
+        jnp.arange(n_steps)
+    )
 
-    With a projection, each step is followed by `project(key, x, t)`, as in
-    the inpainting algorithm of Song and Ermon (2019).
+
+def _langevin(score_fn, x, t, noise, step_size_fn, key=None, project=None):
+    """len(noise) steps of x <- x + h grad + sqrt(2 h) z, with h = step_size_fn(grad, z).
+
+    With a projection, step j is followed by `project(fold_in(fold_in(key, j),
+    1), x, t)`, as in the inpainting algorithm of Song and Ermon (2019).
     """
 
-    def body(i, x):
+    def body(x, inputs):
+        j, z = inputs
         grad = score_fn(x, t)
-        key_i = jax.random.fold_in(key, i)
-        z = jax.random.normal(key_i, x.shape)
         h = step_size_fn(grad, z)
         x = x + h * grad + jnp.sqrt(2.0 * h) * z
-        return x if project is None else project(jax.random.fold_in(key_i, 1), x, t)
+        if project is not None:
+            x = project(jax.random.fold_in(jax.random.fold_in(key, j), 1), x, t)
+        return x, None
 
-    return jax.lax.fori_loop(0, n_steps, body, x)
+    if noise.shape[0] == 1:  # the usual single step, without a loop around it
+        return body(x, (0, noise[0]))[0]
+    return jax.lax.scan(body, x, (jnp.arange(noise.shape[0]), noise))[0]
 
 
-def _alpha_factor(process: Process, t: Array) -> Array:
+def _alpha_factor(step_a):
     # The score SDE code scales corrector steps by alpha_i = 1 - beta_i for VP
     # processes (1 for VE): the squared mean scale of one default forward step.
-    a, _ = process.step_transition(t)
-    return a**2
+    return step_a**2
+
+
+class _LangevinBase:
+    """`__call__`, `plan` and `step` from `coefficient(alpha factor, sigma)` and `_step_size`."""
+
+    n_steps: int
+
+    @property
+    def nfe(self) -> int:
+        return self.n_steps
+
+    @property
+    def noise_steps(self) -> int:
+        return self.n_steps
+
+    def coefficient(self, alpha_factor, sigma):
+        raise NotImplementedError
+
+    def _step_size(self, c, grad, z):
+        raise NotImplementedError
+
+    def plan(self, process, grid: GridValues):
+        """The coefficient at every grid point (float64, one entry per point)."""
+        return self.coefficient(_alpha_factor(grid.step_a), grid.sigma)
+
+    def step(self, c, score_fn, x, t, noise, key=None, project=None):
+        step_size = lambda grad, z: self._step_size(c, grad, z)
+        return _langevin(score_fn, x, t, noise, step_size, key, project)
+
+    def __call__(self, key, score_fn, process, x, t, project=None):
+        c = self.coefficient(
+            _alpha_factor(process.step_transition(t)[0]), process.alpha_sigma(t)[1]
+        )
+        noise = langevin_noise(key, x.shape, self.n_steps)
+        return self.step(c, score_fn, x, t, noise, key, project)
 
 
 @dataclasses.dataclass(frozen=True)
-class Langevin:
+class Langevin(_LangevinBase):
     """Langevin MCMC with a signal-to-noise ratio (Song et al. 2021, Alg. 4; `LangevinCorrector`).
 
     Each of `n_steps` steps is x <- x + h score + sqrt(2 h) z with
@@ -70,18 +129,12 @@ class Langevin:
     snr: float = 0.16
     n_steps: int = 1
 
-    @property
-    def nfe(self) -> int:
-        return self.n_steps
+    def coefficient(self, alpha_factor, sigma):
+        return 2.0 * alpha_factor * self.snr**2
 
-    def __call__(self, key, score_fn, process, x, t, project=None):
-        alpha = _alpha_factor(process, t)
-
-        def step_size(grad, z):
-            norm = lambda v: jnp.mean(jnp.linalg.norm(v.reshape(v.shape[0], -1), axis=-1))
-            return 2.0 * alpha * (self.snr * norm(z) / norm(grad)) ** 2
-
-        return _langevin(key, score_fn, x, t, self.n_steps, step_size, project)
+    def _step_size(self, c, grad, z):
+        norm = lambda v: jnp.mean(jnp.linalg.norm(v.reshape(v.shape[0], -1), axis=-1))
+        return c * (norm(z) / norm(grad)) ** 2
 
 
 # At snr >= 1/sqrt(2) the annealed step h = 2 (snr sigma)^2 reaches sigma^2,
@@ -92,7 +145,7 @@ MAX_ANNEALED_SNR = 1.0 / math.sqrt(2.0)
 
 
 @dataclasses.dataclass(frozen=True)
-class AnnealedLangevin:
+class AnnealedLangevin(_LangevinBase):
     """Langevin MCMC with the step size set by the noise level: h = 2 alpha_i (snr sigma(t))^2.
 
     This is the score SDE code's "ald" corrector (`AnnealedLangevinDynamics`),
@@ -114,11 +167,8 @@ class AnnealedLangevin:
                 "noise level (and diverge from snr = 1 on)"
             )
 
-    @property
-    def nfe(self) -> int:
-        return self.n_steps
+    def coefficient(self, alpha_factor, sigma):
+        return 2.0 * alpha_factor * (self.snr * sigma) ** 2
 
-    def __call__(self, key, score_fn, process, x, t, project=None):
-        _, sigma = process.alpha_sigma(t)
-        h = 2.0 * _alpha_factor(process, t) * (self.snr * sigma) ** 2
-        return _langevin(key, score_fn, x, t, self.n_steps, lambda grad, z: h, project)
+    def _step_size(self, c, grad, z):
+        return c

@@ -19,6 +19,8 @@ lambda = log(alpha / sigma) = -log sigma_hat, and mapped back to times by
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -30,6 +32,7 @@ from diffusers_unified.samplers.common import (
     jitted_sampler,
     nfe_count,
     resolve_grid,
+    scan_with_noise,
 )
 from diffusers_unified.typing import PRNGKey, ScoreFn
 
@@ -449,8 +452,10 @@ def edm_stochastic(
     def projected(k, u, t, a, s_i):
         return u if project is None else project(k, a * u / s_i, t) * s_i / a
 
-    def churn(u, i, active, ratio, std, t_c, a_c, s_c):
-        z = jax.random.normal(jax.random.fold_in(key_churn, i), u.shape, u.dtype)
+    def churn_noise(i):
+        return jax.random.normal(jax.random.fold_in(key_churn, i), shape, dtype)
+
+    def churn(u, i, z, active, ratio, std, t_c, a_c, s_c):
         u = ratio * u + std * z
         if project is None:
             return u
@@ -458,9 +463,9 @@ def edm_stochastic(
         return jnp.where(active, u_projected, u)  # a level without churn is not re-projected
 
     def step(u, inputs):
-        i, active, ratio, std, t_c, a_c, sh_c, s_c, tau_c, *nxt = inputs
+        (i, active, ratio, std, t_c, a_c, sh_c, s_c, tau_c, *nxt), z = inputs
         t_next, a_next, sh_next, s_next, tau_next = nxt
-        u = churn(u, i, active, ratio, std, t_c, a_c, s_c)
+        u = churn(u, i, z, active, ratio, std, t_c, a_c, s_c)
         dt = tau_next - tau_c
         d = slope(u, t_c, a_c, sh_c, s_c)
         u_euler = u + dt * d
@@ -479,9 +484,11 @@ def edm_stochastic(
     u = _edm_prior(key, process, shape, sigma_hat[0], s[0])
     first = [as_array(v[0]) for v in (ts, alpha, s)]
     u = projected(jax.random.fold_in(key_project, n), u, *first)
-    u, _ = jax.lax.scan(step, u, xs)
+    # The churn noise is drawn in blocks of steps (see `common.scan_with_noise`).
+    itemsize = jnp.dtype(dtype).itemsize
+    u = scan_with_noise(step, u, xs, churn_noise, n - 1, math.prod(shape) * itemsize)
     ratio, std, t_c, a_c, sh_c, s_c, _ = (as_array(v[-1]) for v in churn_inputs)
-    u = churn(u, n - 1, active[-1], ratio, std, t_c, a_c, s_c)
+    u = churn(u, n - 1, churn_noise(n - 1), active[-1], ratio, std, t_c, a_c, s_c)
     y = denoised(u, t_c, a_c, sh_c, s_c)
     y = y if project is None else project.clean(y)
     return SamplerOutput(y, nfe_count(2 * n - 1))

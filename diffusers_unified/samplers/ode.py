@@ -3,7 +3,10 @@
 dx/dt = f(t) x - 1/2 g(t)^2 score(x, t), integrated from the prior at T down
 to t_min (`probability_flow`, `decode`) or from data up to T (`encode`): with
 fixed steps (Euler, Heun, RK4) in one `lax.scan`, or adaptively with diffrax
-(Dopri5, the score SDE code's RK45; or Tsit5) inside jit.
+(Dopri5, the score SDE code's RK45; or Tsit5; their stages unrolled, see
+`samplers.unrolled`) inside jit. On a fixed grid,
+f(t) and g(t)^2 at every node of every step are computed once, before the
+loop (`solve_flow`).
 """
 
 from __future__ import annotations
@@ -19,7 +22,9 @@ import numpy as np
 from diffusers_unified.processes import Process, reverse_sde
 from diffusers_unified.samplers.common import (
     SamplerOutput,
+    as_arrays,
     as_pytree,
+    grid_values,
     jitted_sampler,
     nfe_count,
     resolve_grid,
@@ -28,38 +33,54 @@ from diffusers_unified.samplers.common import (
 from diffusers_unified.typing import Array, PRNGKey, ScoreFn
 
 
-def _euler(f, x, t, s):
-    return x + (s - t) * f(x, t)
+def _axpy(y, c, k):
+    """y + c k, leaf by leaf (states may be pytrees: the likelihood's (x, log-density))."""
+    return jax.tree.map(lambda a, b: a + c * b, y, k)
 
 
-def _heun(f, x, t, s):
-    dt = s - t
-    k1 = f(x, t)
-    k2 = f(x + dt * k1, s)
-    return x + 0.5 * dt * (k1 + k2)
+def _combine(y, c, ks, weights):
+    """y + c sum_j weights_j ks_j, leaf by leaf."""
+
+    def leaf(a, *b):
+        return a + c * sum(w * v for w, v in zip(weights, b, strict=True))
+
+    return jax.tree.map(leaf, y, *ks)
 
 
-def _rk4(f, x, t, s):
-    dt = s - t
-    mid = t + 0.5 * dt
-    k1 = f(x, t)
-    k2 = f(x + 0.5 * dt * k1, mid)
-    k3 = f(x + 0.5 * dt * k2, mid)
-    k4 = f(x + dt * k3, s)
-    return x + dt / 6.0 * (k1 + 2.0 * k2 + 2.0 * k3 + k4)
+# Each fixed-step method evaluates f at the nodes t + c dt of a step (its
+# Butcher tableau's c, deduplicated); f(x, k) is f at node k.
+def _euler(f, x, dt):
+    return _axpy(x, dt, f(x, 0))
+
+
+def _heun(f, x, dt):
+    k1 = f(x, 0)
+    k2 = f(_axpy(x, dt, k1), 1)
+    return _combine(x, 0.5 * dt, (k1, k2), (1.0, 1.0))
+
+
+def _rk4(f, x, dt):
+    k1 = f(x, 0)
+    k2 = f(_axpy(x, 0.5 * dt, k1), 1)
+    k3 = f(_axpy(x, 0.5 * dt, k2), 1)
+    k4 = f(_axpy(x, dt, k3), 2)
+    return _combine(x, dt / 6.0, (k1, k2, k3, k4), (1.0, 2.0, 2.0, 1.0))
 
 
 # name -> (step function, score evaluations per step); the order is 1, 2, 4.
 FIXED_STEP = {"euler": (_euler, 1), "heun": (_heun, 2), "rk4": (_rk4, 4)}
+# name -> the nodes c of a step, as fractions of it.
+NODES = {"euler": (0.0,), "heun": (0.0, 1.0), "rk4": (0.0, 0.5, 1.0)}
 ADAPTIVE = ("dopri5", "tsit5")
 
 
 def adaptive_solver(method: str):
-    """The diffrax solver named `method` (diffrax is imported on first use: it is slow to
-    import, and the launcher's other paths never need it)."""
-    import diffrax
+    """The diffrax solver for `method`: diffrax's Dopri5 or Tsit5 tableau with its stages
+    unrolled (`samplers.unrolled`: the same method, a cheaper step). diffrax is imported on
+    first use: it is slow to import, and the launcher's other paths never need it."""
+    from diffusers_unified.samplers.unrolled import SOLVERS
 
-    return {"dopri5": diffrax.Dopri5, "tsit5": diffrax.Tsit5}[method]()
+    return SOLVERS[method]()
 
 
 METHODS = (*FIXED_STEP, *ADAPTIVE)
@@ -71,20 +92,88 @@ def ode_drift(process: Process, score_fn: ScoreFn):
     return lambda x, t: rev(x, t)[0]
 
 
-def solve_fixed(f, x, ts: Array, method: str, project=None, key=None) -> Array:
-    """Integrates dx/dt = f(x, t) over the grid `ts` with a fixed-step method, in one scan.
+def node_times(ts, method: str):
+    """The times at which `method` evaluates f in each step of the grid `ts`: shape (n - 1, k).
 
-    With `project`, each step to s is followed by `project(fold_in(key, i), x, s)`.
+    Node 0 is the step's start and a node at c = 1 its end, exactly; the
+    others are t + c (s - t). NumPy in, NumPy out (float64); arrays in,
+    arrays out.
+    """
+    xp = np if isinstance(ts, np.ndarray) else jnp
+    t, s = ts[:-1, None], ts[1:, None]
+    nodes = xp.asarray(NODES[method])
+    return xp.where(nodes == 1.0, s, xp.where(nodes == 0.0, t, t + nodes * (s - t)))
+
+
+class FlowPoint(NamedTuple):
+    """The probability-flow drift's coefficients at a time: dx/dt = f x - g2 / 2 score(x, t)."""
+
+    t: Array
+    f: Array
+    g2: Array
+
+
+def flow_points(process: Process, times) -> FlowPoint:
+    """`FlowPoint`s at the times `times` (any shape): computed once, before a solver's loop."""
+    values = grid_values(process, times)
+    return as_arrays(FlowPoint(values.t, values.f, values.g2))
+
+
+def flow_drift(score_fn: ScoreFn):
+    """(x, p) -> dx/dt of the probability-flow ODE at the `FlowPoint` p (one time)."""
+    return lambda x, p: p.f * x - 0.5 * p.g2 * score_fn(x, p.t)
+
+
+def solve_grid(field, x, dts: Array, points, method: str, project=None, key=None, ends=None):
+    """Integrates dx/dt = field(x, p) over the steps dts with a fixed-step method, in one scan.
+
+    `points` holds, for every step and node (leading axes (steps, nodes), see
+    `node_times`), what `field` needs to evaluate there (a pytree, e.g.
+    `FlowPoint`s, or the node times themselves). With `project`, each step is
+    followed by `project(fold_in(key, i), x, ends[i])`, ends being the steps'
+    end times.
     """
     step_fn, _ = FIXED_STEP[method]
 
     def step(x, inputs):
-        i, t, s = inputs
-        x = step_fn(f, x, t, s)
+        i, dt, p, s = inputs
+        at_node = lambda y, k: field(y, jax.tree.map(lambda a: a[k], p))
+        x = step_fn(at_node, x, dt)
         return (x if project is None else project(jax.random.fold_in(key, i), x, s)), None
 
-    x, _ = jax.lax.scan(step, x, (jnp.arange(ts.shape[0] - 1), ts[:-1], ts[1:]))
-    return x
+    xs = (jnp.arange(dts.shape[0]), dts, points, ends)
+    return jax.lax.scan(step, x, xs)[0]
+
+
+def solve_fixed(f, x, ts: Array, method: str, project=None, key=None) -> Array:
+    """Integrates dx/dt = f(x, t) over the grid `ts` with a fixed-step method, in one scan.
+
+    With `project`, each step to s is followed by `project(fold_in(key, i), x, s)`.
+    The node times are computed once, before the loop (`node_times`).
+    """
+    ts = jnp.asarray(ts)
+    ends = None if project is None else ts[1:]
+    return solve_grid(f, x, ts[1:] - ts[:-1], node_times(ts, method), method, project, key, ends)
+
+
+def solve_flow(process: Process, score_fn: ScoreFn, x, ts, method: str, project=None, key=None):
+    """The probability-flow ODE over the grid `ts` (NumPy, float64) with a fixed-step method.
+
+    Everything that depends on the grid (node times, f(t) and g(t)^2 there,
+    the steps) is computed once, before the loop, which evaluates only the
+    score and the drift's linear combination.
+    """
+    dts = as_arrays(np.diff(ts))
+    points = flow_points(process, node_times(np.asarray(ts, np.float64), method))
+    ends = as_arrays(ts[1:])
+    return solve_grid(flow_drift(score_fn), x, dts, points, method, project, key, ends)
+
+
+def materialized(y):
+    """y computed once, before a solve: XLA may otherwise fuse y's computation (a prior draw)
+    into several of the solver's first operations, each rounding it its own way, and an
+    adaptive solver's step choices then depend on how the program around it was compiled."""
+    return jax.lax.optimization_barrier(y)
 
 
 def solve_adaptive(f, x, t0, t1, method: str, rtol: float, atol: float, max_steps: int):
@@ -104,7 +193,7 @@ def solve_adaptive(f, x, t0, t1, method: str, rtol: float, atol: float, max_step
         t0=t0,
         t1=t1,
         dt0=None,
-        y0=x,
+        y0=materialized(x),
         stepsize_controller=diffrax.PIDController(rtol=rtol, atol=atol),
         saveat=diffrax.SaveAt(t1=True),
         max_steps=max_steps,
@@ -156,21 +245,20 @@ def probability_flow(
             f"project needs a fixed-step ODE method ({', '.join(FIXED_STEP)}): the adaptive "
             f"{method!r} solve has no steps at which to project"
         )
-    f = ode_drift(process, score_fn)
     x = process.prior_sampling(key, shape)
     if method in FIXED_STEP:
         ts = resolve_grid(process, num_steps, grid)
-        times = jnp.asarray(ts, jnp.float32)
         key_project = jax.random.fold_in(key, 1)
         if project is not None:
-            x = project(jax.random.fold_in(key_project, len(ts)), x, times[0])
-        x = solve_fixed(f, x, times, method, project, key_project)
+            x = project(jax.random.fold_in(key_project, len(ts)), x, as_arrays(ts[0]))
+        x = solve_flow(process, score_fn, x, ts, method, project, key_project)
         nfe, t_end = nfe_count((len(ts) - 1) * FIXED_STEP[method][1]), ts[-1]
     else:
         t_end = process.t_min if grid is None else resolve_grid(process, None, grid)[-1]
+        f = ode_drift(process, score_fn)
         x, nfe = solve_adaptive(f, x, process.T, t_end, method, rtol, atol, max_steps)
     if denoise:
-        x = tweedie_denoise(score_fn, process, x, jnp.float32(t_end))
+        x = tweedie_denoise(score_fn, process, x, as_arrays(t_end))
         if project is not None:
             x = project.clean(x)
     return SamplerOutput(x, nfe + denoise)
@@ -230,10 +318,10 @@ def _flow_times(process: Process, num_steps, grid, eps) -> np.ndarray:
 
 def _integrate(process, score_fn, x, ts, method, rtol, atol, max_steps):
     """x carried from ts[0] to ts[-1] (either direction); returns (x, NFE)."""
-    f = ode_drift(process, score_fn)
     if method in FIXED_STEP:
-        x = solve_fixed(f, x, jnp.asarray(ts, jnp.float32), method)
+        x = solve_flow(process, score_fn, x, np.asarray(ts, np.float64), method)
         return x, nfe_count((len(ts) - 1) * FIXED_STEP[method][1])
+    f = ode_drift(process, score_fn)
     return solve_adaptive(f, x, float(ts[0]), float(ts[-1]), method, rtol, atol, max_steps)
 
 
@@ -313,5 +401,5 @@ def decode(
     ts = _flow_times(process, num_steps, grid, eps)
     x, nfe = _integrate(process, score_fn, z, ts, method, rtol, atol, max_steps)
     if denoise:
-        x = tweedie_denoise(score_fn, process, x, jnp.float32(ts[-1]))
+        x = tweedie_denoise(score_fn, process, x, as_arrays(ts[-1]))
     return SamplerOutput(x, nfe + denoise)

@@ -25,9 +25,12 @@ import numpy as np
 from diffusers_unified.processes import Process
 from diffusers_unified.samplers.common import (
     SamplerOutput,
+    as_arrays,
+    grid_values,
     jitted_sampler,
     nfe_count,
     resolve_grid,
+    scan_with_noise,
     tweedie_denoise,
 )
 from diffusers_unified.samplers.correctors import (
@@ -35,6 +38,7 @@ from diffusers_unified.samplers.correctors import (
     AnnealedLangevin,
     Langevin,
     NoCorrector,
+    langevin_noise,
 )
 from diffusers_unified.samplers.predictors import (
     DDIM,
@@ -80,8 +84,8 @@ def sampler_noise(key: PRNGKey, shape: tuple[int, ...], num_points: int) -> Arra
     Returns shape `(num_points + 1, *shape)`: entry 0 is the prior's draw,
     entry i >= 1 the predictor's draw for the step from grid point i - 1 to i
     (the last entry belongs to the final step to clean data and is unused).
-    Drawn as one block (a vmap over the per-step keys) these are the numbers
-    drawn step by step, so for a predictor-only sampler `noise=
+    These are the numbers the sampler draws (in blocks of steps, each step's
+    from its own key), so for a predictor-only sampler `noise=
     sampler_noise(key, shape, len(grid))` reproduces `noise=None`; a corrector
     draws its own noise from `key` either way.
     """
@@ -89,6 +93,17 @@ def sampler_noise(key: PRNGKey, shape: tuple[int, ...], num_points: int) -> Arra
     prior = jax.random.normal(key_prior, shape)
     steps = jax.vmap(lambda i: jax.random.normal(_step_keys(key_loop, i)[1], shape))
     return jnp.concatenate([prior[None], steps(jnp.arange(num_points))])
+
+
+def _plan(part, process: Process, values) -> tuple[bool, object]:
+    """Whether a predictor or corrector plans (see `samplers.predictors`), and its plan.
+
+    A planning part's coefficients on the grid come as arrays of the default
+    float type; one written elsewhere, with only `__call__`, is called step
+    by step.
+    """
+    plans = callable(getattr(part, "plan", None)) and callable(getattr(part, "step", None))
+    return plans, (as_arrays(part.plan(process, values)) if plans else None)
 
 
 @jitted_sampler
@@ -131,13 +146,21 @@ def predictor_corrector(
     is the predictor's draw for the step from grid[i - 1] to grid[i] (unused
     where the step adds none; the last entry belongs to the step to clean
     data, which adds none). Without it the sampler draws `sampler_noise(key,
-    shape, len(grid))`, step by step. Correctors draw their noise from `key`.
+    shape, len(grid))`. Correctors draw their noise from `key`.
     `project` (inpainting, colorization: `samplers.conditioning`) is applied
     to the prior draw, after every predictor step and every corrector step,
     and to the denoised output.
+
+    The loop does only what a step needs: the predictor's and corrector's
+    coefficients come from the grid once, before it (`plan`; see
+    `samplers.predictors`), and the noise is drawn in blocks of steps
+    (`common.scan_with_noise`; all steps at once unless that is more than
+    `common.NOISE_BLOCK_BYTES`), each step's draws from that step's own key,
+    so the numbers are those of a step-by-step draw.
     """
     ts = resolve_grid(process, num_steps, grid)
     n = len(ts)
+    values = grid_values(process, ts)
     key_prior, key_loop = jax.random.split(key)
     if noise is None:
         x = process.prior_sampling(key_prior, shape)
@@ -150,25 +173,55 @@ def predictor_corrector(
             )
         x = process.prior_std * noise[0]
         step_noise = noise[1:n]
-    times = jnp.asarray(ts, jnp.float32)
+    times = as_arrays(values.t)
+    predictor_plans, predictor_plan = _plan(predictor, process, values)
+    corrector_plans, corrector_plan = _plan(corrector, process, values)
     # Correctors without a `project` argument (user-written ones) still work unconditioned.
     with_project = {} if project is None else {"project": project}
     if project is not None:
         x = project(jax.random.fold_in(key_prior, 1), x, times[0])
 
+    def run_corrector(key_c, x, t, c, z):
+        if corrector_plans:
+            return corrector.step(c, score_fn, x, t, z, key_c, project)
+        return corrector(key_c, score_fn, process, x, t, **with_project)
+
+    def run_predictor(key_p, x, t, s, c, z):
+        if predictor_plans:
+            return predictor.step(c, score_fn, x, t, z)
+        return predictor(key_p, score_fn, process, x, t, s, **({} if z is None else {"noise": z}))
+
     def step(x, inputs):
-        i, t, s, z = inputs
+        (i, t, s, c_pred, c_corr, given), (z_pred, z_corr) = inputs
         key_i = jax.random.fold_in(key_loop, i)
         key_c, key_p = jax.random.split(key_i)  # as `_step_keys`, which sampler_noise uses
-        x = corrector(key_c, score_fn, process, x, t, **with_project)
-        x = predictor(key_p, score_fn, process, x, t, s, **({} if z is None else {"noise": z}))
+        x = run_corrector(key_c, x, t, c_corr, z_corr)
+        x = run_predictor(key_p, x, t, s, c_pred, z_pred if given is None else given)
         if project is not None:
             x = project(jax.random.fold_in(key_i, 1), x, s)
         return x, None
 
-    x, _ = jax.lax.scan(step, x, (jnp.arange(n - 1), times[:-1], times[1:], step_noise))
+    # What each step draws: the predictor's noise (unless given, or it adds none) and the
+    # corrector's, if it plans (one that does not draws its own from its key).
+    predictor_draws = noise is None and getattr(predictor, "adds_noise", True)
+    corrector_draws = corrector.noise_steps if corrector_plans else 0
+
+    def draw(i):
+        key_c, key_p = _step_keys(key_loop, i)
+        z_pred = jax.random.normal(key_p, shape) if predictor_draws else None
+        z_corr = langevin_noise(key_c, shape, corrector_draws) if corrector_draws else None
+        return z_pred, z_corr
+
+    if n > 1:
+        c_corr = jax.tree.map(lambda a: a[:-1], corrector_plan)
+        xs = (jnp.arange(n - 1), times[:-1], times[1:], predictor_plan, c_corr, step_noise)
+        itemsize = jnp.dtype(jnp.result_type(float)).itemsize
+        per_step = (predictor_draws + corrector_draws) * math.prod(shape) * itemsize
+        x = scan_with_noise(step, x, xs, draw, n - 1, per_step)
     key_last = jax.random.fold_in(key_loop, n - 1)
-    x = corrector(key_last, score_fn, process, x, times[-1], **with_project)
+    c_last = jax.tree.map(lambda a: a[-1], corrector_plan)
+    z_last = langevin_noise(key_last, shape, corrector_draws) if corrector_draws else None
+    x = run_corrector(key_last, x, times[-1], c_last, z_last)
     if denoise:
         x = tweedie_denoise(score_fn, process, x, times[-1])
         if getattr(predictor, "clip_x0", False):
@@ -312,8 +365,8 @@ def annealed_langevin(
     the known data per step rather than one per level.
     """
     ts = resolve_grid(process, num_steps, grid)
-    with jax.ensure_compile_time_eval():  # concrete even when traced inside a caller's jit
-        alphas, sigmas = (np.asarray(a) for a in process.alpha_sigma(jnp.asarray(ts)))
+    values = grid_values(process, ts)
+    alphas, sigmas = values.alpha, values.sigma
     if not np.allclose(alphas, 1.0):
         raise ValueError(
             f"annealed_langevin is defined for variance-exploding processes (alpha(t) = 1: "
