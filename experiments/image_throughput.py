@@ -11,7 +11,7 @@ activation dtype (float32, bfloat16; `model.dtype`):
   sampler calls (the EMA network and its parametrization), in batched calls
   per second and in image-evaluations per second (x 256);
 - the fraction of the device's peak that the train step reaches: the step's
-  FLOPs from XLA's cost analysis of the compiled update, divided by its
+  FLOPs from XLA's cost analysis of the lowered update, divided by its
   time and by the peak, a large matmul in the same dtype timed in the same
   run (4096 x 4096 on an accelerator, 2048 on a CPU). Timings of the step,
   the forward and the peak are interleaved and each is the best of its
@@ -73,7 +73,7 @@ def build(network: str, dtype: str, batch: int):
 
 
 def best(fn, repeats: int) -> float:
-    jax.block_until_ready(fn())
+    """The best of `repeats` timed calls of a warmed-up `fn`."""
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -97,16 +97,12 @@ def measure(network: str, dtype: str, args) -> dict:
         holder["state"], metrics = chunk(holder["state"], placed, scales)
         return metrics
 
-    # The update's FLOPs, from XLA's cost analysis of the same update compiled alone.
+    # The update's FLOPs, from XLA's cost analysis of the same update lowered alone (the
+    # HLO's count; compiling it a second time would add minutes on a CPU and not change it).
     step_fn = make_train_step(run.loss_fn, run.optimizer, run.config.model.ema_rate)
     x = jax.ShapeDtypeStruct((args.batch, *run.data_shape), jnp.float32)
     abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), state)
-    flops = (
-        jax.jit(step_fn)
-        .lower(abstract, {"x": x, "y": None}, jnp.float32(1.0))
-        .compile()
-        .cost_analysis()
-    )
+    flops = jax.jit(step_fn).lower(abstract, {"x": x, "y": None}, jnp.float32(1.0)).cost_analysis()
     flops = flops[0] if isinstance(flops, list | tuple) else flops
     step_flops = float(flops.get("flops", 0.0))
 
@@ -158,11 +154,11 @@ def main():
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--tag", default="", help="suffix of the results files (e.g. gpu)")
     args = parser.parse_args()
-    results = [
-        measure(network, dtype, args)
-        for network in args.networks.split(",")
-        for dtype in args.dtypes.split(",")
-    ]
+    results = []
+    for network in args.networks.split(","):
+        for dtype in args.dtypes.split(","):
+            results.append(measure(network, dtype, args))
+            print(results[-1], flush=True)  # a CPU run takes many minutes per setting
     columns = list(results[0])
     rows = [[r[c] for c in columns] for r in results]
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
