@@ -170,7 +170,7 @@ def ode_log_likelihood(
 
         solution = diffrax.diffeqsolve(
             diffrax.ODETerm(lambda t, state, args: f(state, t)),
-            adaptive_solver(method),
+            adaptive_solver(method, x),
             t0=t0,
             t1=process.T,
             dt0=None,

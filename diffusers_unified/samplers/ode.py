@@ -3,8 +3,8 @@
 dx/dt = f(t) x - 1/2 g(t)^2 score(x, t), integrated from the prior at T down
 to t_min (`probability_flow`, `decode`) or from data up to T (`encode`): with
 fixed steps (Euler, Heun, RK4) in one `lax.scan`, or adaptively with diffrax
-(Dopri5, the score SDE code's RK45; or Tsit5; their stages unrolled, see
-`samplers.unrolled`) inside jit. On a fixed grid,
+(Dopri5, the score SDE code's RK45; or Tsit5; for vector data with their
+stages unrolled, see `adaptive_solver`) inside jit. On a fixed grid,
 f(t) and g(t)^2 at every node of every step are computed once, before the
 loop (`solve_flow`).
 """
@@ -74,10 +74,23 @@ NODES = {"euler": (0.0,), "heun": (0.0, 1.0), "rk4": (0.0, 0.5, 1.0)}
 ADAPTIVE = ("dopri5", "tsit5")
 
 
-def adaptive_solver(method: str):
-    """The diffrax solver for `method`: diffrax's Dopri5 or Tsit5 tableau with its stages
-    unrolled (`samplers.unrolled`: the same method, a cheaper step). diffrax is imported on
-    first use: it is slow to import, and the launcher's other paths never need it."""
+def adaptive_solver(method: str, x: Array):
+    """The diffrax solver for `method` ("dopri5" or "tsit5") on states shaped like `x`.
+
+    For vector data (`x` of shape (batch, dim)) the method's tableau with its
+    stages unrolled (`samplers.unrolled`: the same method, a cheaper step;
+    the networks of such data are a few dense layers, whose evaluation is
+    short beside diffrax's per-stage bookkeeping). For images and other
+    data of more axes diffrax's own Dopri5 or Tsit5: their networks dwarf
+    that bookkeeping, and unrolling would compile the network once per stage
+    (six more copies of a U-Net in the program). The two differ only in
+    float rounding. diffrax is imported on first use: it is slow to import,
+    and the launcher's other paths never need it.
+    """
+    if x.ndim > 2:
+        import diffrax
+
+        return {"dopri5": diffrax.Dopri5, "tsit5": diffrax.Tsit5}[method]()
     from diffusers_unified.samplers.unrolled import SOLVERS
 
     return SOLVERS[method]()
@@ -189,7 +202,7 @@ def solve_adaptive(f, x, t0, t1, method: str, rtol: float, atol: float, max_step
 
     solution = diffrax.diffeqsolve(
         diffrax.ODETerm(lambda t, y, args: f(y, t)),
-        adaptive_solver(method),
+        adaptive_solver(method, x),
         t0=t0,
         t1=t1,
         dt0=None,

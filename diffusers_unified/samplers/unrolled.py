@@ -11,7 +11,9 @@ fixed-step scan (experiments/peer_comparison.py). `UnrolledRK` takes the
 same tableau (`diffrax.Dopri5.tableau`, `diffrax.Tsit5.tableau`) and writes
 the stages out in the traced program, so a step is the evaluations and their
 linear combinations only; diffrax still does everything else (the PID step
-size controller, the initial step, the loop, saving).
+size controller, the initial step, the loop, saving). The price is a
+network compiled once per stage: `samplers.ode.adaptive_solver` therefore
+takes these for vector data only, and diffrax's own solvers for images.
 
 The one difference beyond float rounding: the dense output between steps is
 linear (`LocalLinearInterpolation`) where diffrax's solvers interpolate to
