@@ -90,6 +90,12 @@ class Checks:
         if not ok:
             self.failures.append(message)
 
+    def stamp(self, note: str) -> str:
+        """A table's note, with the failed checks after it: such a table is not a result."""
+        if not self.failures:
+            return note
+        return f"{note} SELF-CHECK FAILED, not a result: {'; '.join(self.failures)}."
+
     def finish(self) -> None:
         for message in self.failures:
             print(f"INCONSISTENT: {message}", file=sys.stderr)

@@ -53,7 +53,7 @@ from diffusers_unified.parametrization import make_score_fn
 from diffusers_unified.processes import DDPM, VPSDE
 from diffusers_unified.samplers.ode import ode_drift
 
-from common import final_json, interleaved_best, load_average, write_table
+from common import Checks, final_json, interleaved_best, load_average, write_table
 
 SMALL, LARGE = ((64, 64), 32), ((256, 256, 256), 128)  # (hidden, emb_dim)
 PEAK_N = 4096
@@ -262,8 +262,16 @@ def main():
     peak = matmul_peak(args.rounds)
     rows, figures = [], {}
 
+    checks = Checks()
+
     def add(work, peer, ours, peer_s, ours_s, hw=None, extra=""):
         ratio = peer_s / ours_s
+        if hw is not None:  # neither side can beat the network's FLOPs at the matmul peak
+            for side, seconds in (("ours", ours_s), (peer, peer_s)):
+                checks.check(
+                    seconds >= hw,
+                    f"{work}: {side} took {seconds:.4g} s, under the {hw:.4g} s the peak allows",
+                )
         rows.append([work, peer, round(peer_s, 4), round(ours_s, 4), round(ratio, 2), hw, extra])
         figures[work] = {"peer_s": peer_s, "ours_s": ours_s, "ratio": ratio}
         print(f"{work}: {peer} {peer_s:.4f} s, ours {ours_s:.4f} s, {ratio:.2f}x", flush=True)
@@ -360,7 +368,7 @@ def main():
         "peer_comparison",
         ["work", "peer", "peer s", "this package s", "ratio", "hardware allows s", "notes"],
         rows,
-        note=(
+        note=checks.stamp(
             f"Float32 matmul peak {peak / 1e9:.1f} GFLOP/s ({PEAK_N}^3, same run); 'hardware "
             "allows' = the network's FLOPs at that peak. Each pair interleaved in one process, "
             f"best of {args.rounds} rounds ({args.big_rounds} for the large MLP's DDPM-1000, "
@@ -370,7 +378,15 @@ def main():
             + "."
         ),
     )
-    final_json({"rows": figures, "matmul_peak_gflops": peak / 1e9, "load_average": load})
+    final_json(
+        {
+            "rows": figures,
+            "matmul_peak_gflops": peak / 1e9,
+            "load_average": load,
+            "consistent": not checks.failures,
+        }
+    )
+    checks.finish()
 
 
 if __name__ == "__main__":

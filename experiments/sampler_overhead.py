@@ -248,13 +248,13 @@ def main():
         "sampler_overhead",
         ["sampler", "NFE", "seconds", "overhead ratio", "fraction of peak"],
         rows,
-        note=note,
+        note=checks.stamp(note),
     )
     write_table(
         "sampler_floor",
         ["small MLP, batch 512", "sampler ms", "floor ms", "ratio"],
         small_rows,
-        note=(
+        note=checks.stamp(
             "Floor: a bare jitted `lax.scan` of the same network evaluations, x <- a x + b eps "
             "(+ c z, all the noise drawn in one call inside the same function). Interleaved, "
             f"best of {3 * args.rounds} rounds; load average {load:.2f}."

@@ -292,7 +292,7 @@ def main():
         ["model", "devices", "batch", "compile s", "steps/s", "examples/s", "GFLOP/s",
          "fraction of peak", "peak GFLOP/s", "real / bare", "load"],
         rows,
-        note=note,
+        note=checks.stamp(note),
     )  # fmt: skip
     first = results[min(results)]
     final_json(

@@ -406,6 +406,7 @@ def test_imported_work_directory_samples_with_any_sampler_and_is_the_converted_n
             "--allow_config_change",
             mode="sample",
             config=None,
+            fast_compile=True,
         )
         assert result.code == 0, result
         assert "wrote 4 samples" in result.stderr

@@ -25,6 +25,12 @@ pytestmark = pytest.mark.slow  # the Inception network at 299x299 on ~60 images:
 IMAGE_TINY = lu.CONFIGS / "image_tiny.py"
 
 
+def launch(workdir, *args, mode="train"):
+    """The launcher on the tiny image config, compiled without LLVM's optimisation passes
+    (`lu.FAST_COMPILE`: these runs are nearly all compile)."""
+    return lu.run(workdir, *args, mode=mode, config=IMAGE_TINY, fast_compile=True)
+
+
 def random_inception_weights(path) -> None:
     """A weights file of the FID Inception-v3's shapes, with a seeded random draw.
 
@@ -51,7 +57,7 @@ def trained(tmp_path_factory):
     np.savez(root / "images.npz", x=x)
     random_inception_weights(root / "inception.npz")
     workdir = root / "trained"
-    result = lu.run(workdir, f"--config.data.path={root / 'images.npz'}", config=IMAGE_TINY)
+    result = launch(workdir, f"--config.data.path={root / 'images.npz'}")
     assert result.code == 0, result
     return root, workdir
 
@@ -64,7 +70,7 @@ def test_fid_without_weights_exits_2_naming_the_key_and_the_converter(trained, t
     root, workdir = trained
     run = tmp_path / "run"
     shutil.copytree(workdir, run)
-    result = lu.run(run, *eval_args(root), mode="eval", config=IMAGE_TINY)
+    result = launch(run, *eval_args(root), mode="eval")
     assert result.code == 2, result
     assert "eval.inception_weights" in result.stderr
     assert "diffusers-unified-convert inception" in result.stderr
@@ -78,7 +84,7 @@ def test_eval_reports_fid_is_and_kid_and_caches_the_reference(trained, tmp_path)
     run = tmp_path / "run"
     shutil.copytree(workdir, run)
     weights = f"--config.eval.inception_weights={root / 'inception.npz'}"
-    first = lu.run(run, *eval_args(root, weights), mode="eval", config=IMAGE_TINY)
+    first = launch(run, *eval_args(root, weights), mode="eval")
     assert first.code == 0, first
     result = json.loads((run / "eval" / "step_4.json").read_text())
     for key in ("fid", "inception_score", "kid", "frechet_distance_rf", "kid_rf"):
@@ -98,7 +104,7 @@ def test_eval_reports_fid_is_and_kid_and_caches_the_reference(trained, tmp_path)
     # A second eval reuses the cached reference and features: the same figures exactly.
     mtime = reference.stat().st_mtime_ns
     (run / "eval" / "step_4.json").unlink()
-    again = lu.run(run, *eval_args(root, weights), mode="eval", config=IMAGE_TINY)
+    again = launch(run, *eval_args(root, weights), mode="eval")
     assert again.code == 0, again
     assert reference.stat().st_mtime_ns == mtime
     assert json.loads((run / "eval" / "step_4.json").read_text()) == result
@@ -111,7 +117,7 @@ def test_sample_mode_writes_png_files(trained, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(workdir, run)
     args = (f"--config.data.path={root / 'images.npz'}", "--config.sampling.write_png=True")
-    result = lu.run(run, *args, mode="sample", config=IMAGE_TINY)
+    result = launch(run, *args, mode="sample")
     assert result.code == 0, result
     pngs = sorted((run / "samples" / "step_4" / "png").glob("*.png"))
     assert [p.name for p in pngs] == [f"{i:06d}.png" for i in range(16)]

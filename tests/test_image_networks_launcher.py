@@ -6,7 +6,9 @@ the VP SDE and sampled with the native samplers of the VP SDE, sub-VP SDE and DD
 (the processes whose networks it conditions on 999 t); NCSN++ as in the VE configs
 (Fourier features of log sigma, output divided by sigma, score prediction) is trained
 under the VE SDE and sampled with the VE SDE's and NCSN's; NCSNv2's RefineNet under
-NCSN (through the command line) and sampled with both VE processes' samplers; the
+NCSN, trained and sampled (annealed Langevin) through the command line (it is
+conditioned on sigma as NCSN++ is, so the VE SDE's samplers add a compile, not a
+case); the
 DDPM U-Net with attention after every up block in bfloat16 under DDPM. Each trains 2
 updates on 8x8x3 images; each sampler draws 4 samples on 3 grid points (1 Langevin
 step per level). What is checked: every combination builds, trains to a finite loss,
@@ -133,14 +135,10 @@ def test_the_command_line_trains_and_samples_refinenet(images, tmp_path):
         "--config.sampling.step_size=2e-5",
         "--config.sampling.num_steps=3",
     )
-    result = lu.run(tmp_path / "run", *args, config=lu.CONFIGS / "image_tiny.py")
+    result = lu.run(tmp_path / "run", *args, config=lu.CONFIGS / "image_tiny.py", fast_compile=True)
     assert result.code == 0, result
-    result = lu.run(tmp_path / "run", mode="sample", config=None)
+    result = lu.run(tmp_path / "run", mode="sample", config=None, fast_compile=True)
     assert result.code == 0, result
     assert "wrote 16 samples of ald" in result.stderr
-    from diffusers_unified.experiment.workdir import Workdir
-
-    config = Workdir(tmp_path / "run").saved_config()
-    config.sampling.num_samples = config.sampling.batch_size = 4
-    samples = sample_under(config, "vesde", tmp_path / "run")  # the other VE process
-    assert samples.shape == (4, 8, 8, 3) and np.isfinite(samples).all()
+    samples = np.load(tmp_path / "run" / "samples" / "step_4" / "samples.npz")["samples"]
+    assert samples.shape == (16, 8, 8, 3) and np.isfinite(samples).all()
