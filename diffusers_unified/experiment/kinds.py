@@ -11,6 +11,10 @@ adding a sampler, a network or a dataset is one row here plus its module
 The config checks read these tables before JAX is imported (a bad config
 fails in a fraction of a second, without initialising a backend), so the
 library modules are imported by the builders, on first use (`_lib`).
+
+The module is a little over 400 lines on purpose: seven short tables and the
+builders of their rows, kept in one file so that a kind's name, builder and
+properties are read in one place.
 """
 
 from __future__ import annotations
