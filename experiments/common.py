@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 
 import jax
+import jax.numpy as jnp
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -37,15 +38,17 @@ def write_table(name: str, header: list[str], rows: list[list], out_dir: str = R
     print(text)
 
 
-def timed(fn, *args, repeats: int = 3):
-    """Best-of-`repeats` wall time of fn(*args) after one warm-up call (compilation)."""
-    jax.block_until_ready(fn(*args))
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        best = min(best, time.perf_counter() - start)
-    return best
+def matmul(n: int, dtype=jnp.float32) -> tuple[Callable[[], jax.Array], float]:
+    """(call, FLOPs of one call): a jitted n x n x n matmul in `dtype` on random operands.
+
+    The benchmarks' peak: timed in the same process as (and interleaved with)
+    what they measure, so that a fraction of it is a fraction of this
+    machine's rate at that moment.
+    """
+    a = jax.random.normal(jax.random.PRNGKey(0), (n, n)).astype(dtype)
+    b = jax.random.normal(jax.random.PRNGKey(1), (n, n)).astype(dtype)
+    f = jax.jit(jnp.matmul)
+    return (lambda: f(a, b)), 2.0 * n**3
 
 
 def interleaved_best(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:

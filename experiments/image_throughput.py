@@ -39,22 +39,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from common import final_json, machine, write_table
+from common import final_json, load_average, machine, matmul, write_table
 
 CONFIGS = {
     "ddpm": "configs/cifar10/ddpm.py",
     "ddpmpp": "configs/cifar10/ddpmpp_continuous_vp.py",
 }
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def matmul_peak(dtype, repeats: int) -> tuple[callable, float]:
-    """(a timing function, FLOPs of one call) of an n x n x n matmul in `dtype`."""
-    n = 2048 if jax.default_backend() == "cpu" else 4096
-    a = jax.random.normal(jax.random.PRNGKey(0), (n, n)).astype(dtype)
-    b = jax.random.normal(jax.random.PRNGKey(1), (n, n)).astype(dtype)
-    f = jax.jit(jnp.matmul)
-    return (lambda: f(a, b)), 2.0 * n**3
 
 
 def build(network: str, dtype: str, batch: int):
@@ -111,7 +102,8 @@ def measure(network: str, dtype: str, args) -> dict:
     xs = jax.random.normal(jax.random.PRNGKey(2), (args.sample_batch, *run.data_shape))
     t = jnp.float32(0.5)
     forward = jax.jit(lambda s, x: s(x, t))
-    peak_fn, peak_flops = matmul_peak(getattr(jnp, dtype), args.repeats)
+    # The peak in the same dtype: 2048^3 on a CPU (a 4096^3 call there takes seconds).
+    peak_fn, peak_flops = matmul(2048 if jax.default_backend() == "cpu" else 4096, dtype)
 
     # Interleaved: each round times the step, the forward and the peak once more.
     step_s = fwd_s = peak_s = float("inf")
@@ -161,7 +153,7 @@ def main():
             print(results[-1], flush=True)  # a CPU run takes many minutes per setting
     columns = list(results[0])
     rows = [[r[c] for c in columns] for r in results]
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    load = load_average()
     note = (
         f"Batch {args.batch} for training, {args.sample_batch} for sampling, best of "
         f"{args.repeats} interleaved repetitions; {machine()}; load average {load:.1f} at "

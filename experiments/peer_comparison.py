@@ -53,7 +53,7 @@ from diffusers_unified.parametrization import make_score_fn
 from diffusers_unified.processes import DDPM, VPSDE
 from diffusers_unified.samplers.ode import ode_drift
 
-from common import Checks, final_json, interleaved_best, load_average, write_table
+from common import Checks, final_json, interleaved_best, load_average, matmul, write_table
 
 SMALL, LARGE = ((64, 64), 32), ((256, 256, 256), 128)  # (hidden, emb_dim)
 PEAK_N = 4096
@@ -71,11 +71,8 @@ def forward_flops(hidden, emb_dim, batch, per_example_embedding=False):
 
 
 def matmul_peak(rounds: int) -> float:
-    a = jax.random.normal(jax.random.PRNGKey(0), (PEAK_N, PEAK_N))
-    b = jax.random.normal(jax.random.PRNGKey(1), (PEAK_N, PEAK_N))
-    matmul = jax.jit(jnp.matmul)
-    best = interleaved_best({"peak": lambda: matmul(a, b)}, 3 * rounds)["peak"]
-    return 2 * PEAK_N**3 / best
+    call, flops = matmul(PEAK_N)
+    return flops / interleaved_best({"peak": call}, 3 * rounds)["peak"]
 
 
 # -- PyTorch ---------------------------------------------------------------------------

@@ -151,19 +151,18 @@ def _bare_runner(run, k: int):
 
 def worker(repeats: int) -> dict:
     import jax
-    import jax.numpy as jnp
 
-    a = jax.random.normal(jax.random.PRNGKey(0), (PEAK_N, PEAK_N), jnp.float32)
-    b = jax.random.normal(jax.random.PRNGKey(1), (PEAK_N, PEAK_N), jnp.float32)
-    matmul = jax.jit(jnp.matmul)
-    matmul(a, b).block_until_ready()
+    from common import load_average, matmul
+
+    peak_call, peak_flops = matmul(PEAK_N)
+    peak_call().block_until_ready()
 
     def peak_seconds() -> float:
         start = time.perf_counter()
-        matmul(a, b).block_until_ready()
+        peak_call().block_until_ready()
         return time.perf_counter() - start
 
-    out = {"devices": jax.device_count(), "load_before": os.getloadavg()[0]}
+    out = {"devices": jax.device_count(), "load_before": load_average()}
     mlp_first, mlp_run, mlp_k, run = _chunk_runner(MLP_CONFIG, MLP_BATCH)
     bare_run = _bare_runner(run, mlp_k) if jax.device_count() == 1 else None
     best_peak, best_mlp, best_bare = float("inf"), float("inf"), float("inf")
@@ -172,7 +171,7 @@ def worker(repeats: int) -> dict:
         best_mlp = min(best_mlp, mlp_run(1))
         if bare_run is not None:
             best_bare = min(best_bare, bare_run(1))
-    peak = 2 * PEAK_N**3 / best_peak
+    peak = peak_flops / best_peak
     out["peak_gflops"] = peak / 1e9
     out["mlp"] = {
         "batch": MLP_BATCH,
@@ -199,7 +198,7 @@ def worker(repeats: int) -> dict:
         "steps_per_s": 1 / best_unet,
         "examples_per_s": UNET_BATCH / best_unet,
     }
-    out["load_after"] = os.getloadavg()[0]
+    out["load_after"] = load_average()
     return out
 
 
