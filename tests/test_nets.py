@@ -203,8 +203,11 @@ def test_narrow_dense_is_dense_in_parameters_values_and_derivatives(features):
     # order 1e-6 of the output's scale (about 10).
     np.testing.assert_allclose(value(narrow, params, big), value(dense, params, big), atol=1e-4)
     loss = lambda module: lambda p, x: jnp.sum(jnp.sin(value(module, p, x)))
-    grads = [jax.grad(loss(m), argnums=(0, 1))(params, big) for m in (narrow, dense)]
-    chex.assert_trees_all_close(*grads, atol=1e-4, rtol=1e-5)  # kernel grads: sums of 256 rows
+    for ours, ref in zip(
+        jax.grad(loss(narrow), argnums=(0, 1))(params, big),
+        jax.grad(loss(dense), argnums=(0, 1))(params, big),
+    ):
+        chex.assert_trees_all_close(ours, ref, atol=1e-3, rtol=1e-5)  # kernel grads sum 4096
     v = jnp.sign(big - 0.1)
     ours = jax.jvp(lambda x: value(narrow, params, x), (big,), (v,))
     ref = jax.jvp(lambda x: value(dense, params, x), (big,), (v,))
