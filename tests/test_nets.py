@@ -4,8 +4,6 @@ import ast
 import math
 import pathlib
 
-import chex
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -173,45 +171,6 @@ def test_mlp_labels_condition_and_none_is_the_null_label():
     np.testing.assert_allclose(shared, broadcast, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="num_classes=None"):
         MLP().init(jax.random.PRNGKey(0), x, COND, labels)
-
-
-def _uses_narrow_matmul(module, params, x) -> bool:
-    jaxpr = str(jax.make_jaxpr(lambda p, x: module.apply({"params": p}, x))(params, x))
-    return "custom_jvp_call" in jaxpr
-
-
-@pytest.mark.parametrize("features", [1, 2, 5, 8, 9])
-def test_narrow_dense_is_dense_in_parameters_values_and_derivatives(features):
-    """NarrowDense has nn.Dense's parameters and initialisation, and its values, gradients
-    and jvps; it takes the multiply-and-sum only for 2-8 features of a large input."""
-    from diffusers_unified.nets.mlp import NARROW_MIN_ELEMENTS, NarrowDense
-
-    width = 256
-    big = jax.random.normal(jax.random.PRNGKey(1), (NARROW_MIN_ELEMENTS // width, width))
-    small = big[:8]
-    dense, narrow = nn.Dense(features), NarrowDense(features)
-    params = dense.init(jax.random.PRNGKey(0), small)["params"]
-    chex.assert_trees_all_equal(narrow.init(jax.random.PRNGKey(0), small)["params"], params)
-    params = {"kernel": params["kernel"], "bias": jnp.linspace(-1.0, 1.0, features)}
-    assert _uses_narrow_matmul(narrow, params, big) == (2 <= features <= 8)
-    assert not _uses_narrow_matmul(narrow, params, small)
-
-    def value(module, p, x):
-        return module.apply({"params": p}, x)
-
-    # Sums of 256 products of O(1) terms in float32, in another order: rounding of
-    # order 1e-6 of the output's scale (about 10).
-    np.testing.assert_allclose(value(narrow, params, big), value(dense, params, big), atol=1e-4)
-    loss = lambda module: lambda p, x: jnp.sum(jnp.sin(value(module, p, x)))
-    for ours, ref in zip(
-        jax.grad(loss(narrow), argnums=(0, 1))(params, big),
-        jax.grad(loss(dense), argnums=(0, 1))(params, big),
-    ):
-        chex.assert_trees_all_close(ours, ref, atol=1e-3, rtol=1e-5)  # kernel grads sum 4096
-    v = jnp.sign(big - 0.1)
-    ours = jax.jvp(lambda x: value(narrow, params, x), (big,), (v,))
-    ref = jax.jvp(lambda x: value(dense, params, x), (big,), (v,))
-    chex.assert_trees_all_close(ours, ref, atol=1e-4)
 
 
 def test_fourier_weights_get_no_gradient_and_are_masked():
