@@ -18,6 +18,8 @@ from diffusers_unified.errors import DataError
 from diffusers_unified.nets.classifier import ClassifierApply, MLPClassifier, ResNetClassifier
 from diffusers_unified.processes import NOISE_COND_SCALE, VESDE, VPSDE
 
+FAST_COMPILE = True  # nearly all compile: no LLVM optimisation passes (conftest.py)
+
 MIXTURE = example_mixture()
 K = MIXTURE.num_components
 

@@ -36,6 +36,8 @@ from diffusers_unified.nets import NetApply, UNet
 from diffusers_unified.parametrization import make_score_fn
 from diffusers_unified.processes import DDPM
 
+FAST_COMPILE = True  # nearly all compile: no LLVM optimisation passes (conftest.py)
+
 
 @pytest.fixture(scope="module")
 def reference():

@@ -28,6 +28,8 @@ from diffusers_unified.errors import CheckpointError, ConfigError
 from diffusers_unified.nets import NetApply
 from diffusers_unified.nets.ncsnpp import NCSNpp
 
+FAST_COMPILE = True  # nearly all compile: no LLVM optimisation passes (conftest.py)
+
 FIXTURE = np.load(pathlib.Path(__file__).parent / "fixtures" / "score_sde_outputs.npz")
 
 # Relative to the output's largest magnitude. Converted parameters run the same

@@ -26,6 +26,8 @@ import pytest
 
 pytestmark = pytest.mark.slow  # 4 tiny trainings, 10 samplings: about a minute on 2 cores
 
+FAST_COMPILE = True  # nearly all compile: no LLVM optimisation passes (conftest.py)
+
 NATIVE = {
     "ddpm": ("ancestral", {}),
     "vpsde": ("pc", {"predictor": "euler_maruyama", "corrector": "none"}),

@@ -19,6 +19,8 @@ from diffusers_unified.errors import CheckpointError, DataError
 from diffusers_unified.metrics.inception import InceptionFeatures
 from diffusers_unified.nets import inception as net
 
+FAST_COMPILE = True  # nearly all compile: no LLVM optimisation passes (conftest.py)
+
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 
 

@@ -18,6 +18,8 @@ from diffusers_unified.nets import NetApply, count_params, resample
 from diffusers_unified.nets.layerspp import FourierFeatures, ResnetBlockBigGAN
 from diffusers_unified.nets.ncsnpp import NCSNpp
 
+FAST_COMPILE = True  # nearly all compile: no LLVM optimisation passes (conftest.py)
+
 # -- the paper's configs (score SDE code, configs/{vp,subvp,ve}/cifar10_*_continuous.py) -------
 
 # DDPM++ cont. (VP and sub-VP): BigGAN blocks without FIR, positional embedding of 999 t.

@@ -22,6 +22,8 @@ from diffusers_unified.nets import (
 from diffusers_unified.parametrization import make_score_fn
 from diffusers_unified.processes import NOISE_COND_SCALE, VPSDE
 
+FAST_COMPILE = True  # nearly all compile: no LLVM optimisation passes (conftest.py)
+
 TINY = dict(ch=8, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,))
 IMAGE = (3, 8, 8, 1)
 COND = jnp.asarray([0.0, 250.0, 999.0])

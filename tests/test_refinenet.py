@@ -21,6 +21,8 @@ from diffusers_unified.nets import NetApply, count_params
 from diffusers_unified.nets.refinenet import ARCHITECTURES, RefineNet, refinenet_kwargs
 from diffusers_unified.nets.refinenet_layers import InstanceNorm2dPlus, _interp_matrix
 
+FAST_COMPILE = True  # nearly all compile: no LLVM optimisation passes (conftest.py)
+
 TORCH = np.load(pathlib.Path(__file__).parent / "fixtures" / "score_sde_ncsnv2_torch_outputs.npz")
 
 

@@ -17,6 +17,8 @@ import pytest
 
 from diffusers_unified.experiment import study as study_lib
 
+FAST_COMPILE = True  # nearly all compile: no LLVM optimisation passes (conftest.py)
+
 STUDIES = sorted((Path(__file__).resolve().parents[1] / "experiments" / "studies").glob("*.py"))
 
 

@@ -29,6 +29,8 @@ from fixtures.make_diffusers_fixture import (
 from diffusers_unified.convert.diffusers import convert_state_dict, unet_kwargs
 from diffusers_unified.nets import NetApply, UNet, count_params
 
+FAST_COMPILE = True  # nearly all compile: no LLVM optimisation passes (conftest.py)
+
 
 @pytest.fixture(scope="module")
 def reference():
