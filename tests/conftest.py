@@ -9,7 +9,10 @@ caches: the modules that use it took 232 s before and 163 s after (RefineNet tra
 22 -> 9 s, NCSN++ training 19 -> 12 s, the imported NCSNv2 20 -> 11 s). Their numbers
 change by float rounding only, and every comparison in them is against a tolerance.
 Tests whose time is in running programs (the samplers' exact-score tests, simulations)
-keep the default: unoptimised code made those up to 6x slower.
+keep the default: unoptimised code made those up to 6x slower. So do tests that compare
+two programs' results at float-rounding tolerance: under it, `probability_flow` and
+`decode(..., denoise=True)`, the same adaptive solve in two programs, differed by 2e-4
+(test_flow_encoding), and a solve against the fixture of test_sampler_precompute failed.
 """
 
 import contextlib

@@ -19,8 +19,6 @@ from diffusers_unified.data.gaussian import GaussianMixture, example_mixture
 from diffusers_unified.processes import VESDE, VPSDE, SubVPSDE
 from diffusers_unified.samplers.ode import decode, encode
 
-FAST_COMPILE = True  # nearly all compile: no LLVM optimisation passes (conftest.py)
-
 MEAN, VAR = np.array([0.4, -0.3]), np.array([0.25, 0.06])
 MIXTURE = example_mixture()
 
