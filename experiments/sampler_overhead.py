@@ -23,7 +23,10 @@ that saw the same machine:
    NFE / wall time / peak. The network's FLOPs are those it must do: per
    example 2 x (2 x 256 + 2 x 256^2 + 256 x 2) for the input, hidden and
    output layers, plus, once per call, the embedding's 2 x 128 x 256 (a
-   shared noise level is embedded once, not per example).
+   shared noise level is embedded once, not per example). The note under
+   the table also times, in the same rounds, the forward's two 256 x 256
+   products alone and with their bias and SiLU (chained as in the forward
+   loop): how much of the forward is the products and how much the rest.
 
 2. Overhead-bound: a small MLP (2 + 32 -> 64 -> 64 -> 2) at batch 512, where
    a step is ~0.1 ms and the sampler's own per-step work shows: DDPM
@@ -60,6 +63,7 @@ from common import Checks, final_json, interleaved_best, load_average, matmul, w
 
 BATCH, DIM = 4096, 2
 NETWORK_FLOPS = 2 * BATCH * (2 * 256 + 2 * 256 * 256 + 256 * 2) + 2 * 128 * 256
+HIDDEN_PRODUCT_FLOPS = 2 * BATCH * 2 * 256 * 256
 PEAK_N = 4096
 FORWARD_LOOP = 20
 SMALL_BATCH = 512
@@ -88,6 +92,24 @@ def compute_bound(steps: int, rounds: int, checks: Checks):
     def forward_loop(params, x, c):
         step = lambda i, x: x + 1e-3 * net(params, x, c)  # chained: no forward is hoisted
         return jax.lax.fori_loop(0, FORWARD_LOOP, step, x)
+
+    # Where the forward's time goes: its two 256 x 256 products alone, and with their bias
+    # and activation, on a (BATCH, 256) activation, chained as the forward loop is.
+    hidden = {k: params[k] for k in ("hidden_1", "hidden_2")}
+    h0 = jax.random.normal(key, (BATCH, 256))
+
+    def hidden_loop(with_activation: bool):
+        def layers(p, h):
+            for layer in p.values():
+                h = h @ layer["kernel"]
+                if with_activation:
+                    h = jax.nn.silu(h + layer["bias"])
+            return h
+
+        run = jax.jit(
+            lambda p, h: jax.lax.fori_loop(0, FORWARD_LOOP, lambda i, h: h + 1e-3 * layers(p, h), h)
+        )
+        return lambda: run(hidden, h0)
 
     n = steps
     cases = {
@@ -121,6 +143,8 @@ def compute_bound(steps: int, rounds: int, checks: Checks):
         "peak": peak_call,
         "forward alone": lambda: forward(params, x, jnp.float32(500.0)),
         "forward": lambda: forward_loop(params, x, jnp.float32(500.0)),
+        "hidden products": hidden_loop(False),
+        "hidden layers": hidden_loop(True),
     }
     nfes = {}
     for name, (process, sampler, options) in cases.items():
@@ -139,6 +163,11 @@ def compute_bound(steps: int, rounds: int, checks: Checks):
     checks.check(
         forward_fraction <= 1.0,
         f"the standalone forward reaches {forward_fraction:.3f} of the matmul peak (> 1)",
+    )
+    products_fraction = HIDDEN_PRODUCT_FLOPS / (best["hidden products"] / FORWARD_LOOP) / peak
+    checks.check(
+        products_fraction <= 1.0,
+        f"the hidden products alone reach {products_fraction:.3f} of the matmul peak (> 1)",
     )
     rows, figures = [], {}
     for name, nfe in nfes.items():
@@ -160,7 +189,15 @@ def compute_bound(steps: int, rounds: int, checks: Checks):
             f"{name}: NFE {nfe}, {seconds:.3f} s, overhead {overhead:.3f}, {fraction:.2f} of peak",
             flush=True,
         )
-    base = {"peak": peak, "t_forward": t_forward, "t_alone": t_alone, "fraction": forward_fraction}
+    base = {
+        "peak": peak,
+        "t_forward": t_forward,
+        "t_alone": t_alone,
+        "fraction": forward_fraction,
+        "t_products": best["hidden products"] / FORWARD_LOOP,
+        "products_fraction": products_fraction,
+        "t_layers": best["hidden layers"] / FORWARD_LOOP,
+    }
     return rows, figures, base
 
 
@@ -240,7 +277,11 @@ def main():
         f"({base['fraction']:.3f} of peak; called alone, {base['t_alone'] * 1e3:.2f} ms); "
         f"float32 matmul peak {peak / 1e9:.1f} GFLOP/s ({PEAK_N}^3). Peak, forward and "
         f"samplers interleaved in one process, best of {args.rounds} rounds; load average "
-        f"{load:.2f} (1 min, highest seen at the start and the end)."
+        f"{load:.2f} (1 min, highest seen at the start and the end). Where the forward's "
+        f"time goes: its two 256 x 256 products alone take {base['t_products'] * 1e3:.2f} ms "
+        f"({base['products_fraction']:.3f} of peak), {base['t_layers'] * 1e3:.2f} ms with "
+        "their bias and SiLU; the rest is the third SiLU, the 2 -> 256 and 256 -> 2 layers "
+        "and the embedding."
     )
     write_table(
         "sampler_overhead",
@@ -265,6 +306,9 @@ def main():
             "forward_ms": t_forward * 1e3,
             "forward_alone_ms": base["t_alone"] * 1e3,
             "forward_fraction_of_peak": base["fraction"],
+            "hidden_products_ms": base["t_products"] * 1e3,
+            "hidden_products_fraction_of_peak": base["products_fraction"],
+            "hidden_layers_ms": base["t_layers"] * 1e3,
             "matmul_peak_gflops": peak / 1e9,
             "max_fixed_step_overhead": max(f["overhead"] for f in fixed),
             "min_fixed_step_overhead": min(f["overhead"] for f in fixed),
