@@ -5,9 +5,10 @@ A test module that sets `FAST_COMPILE = True` has its programs compiled with
 `jax_disable_most_optimizations` (XLA's backend optimisation level 0, without LLVM's
 expensive passes). That is for the tiny image networks and the tiny studies, whose tests
 spend most of their time compiling. Measured on 2 cores, two workers, cold
-caches: the modules that use it took 232 s before and 163 s after (RefineNet training
-22 -> 9 s, NCSN++ training 19 -> 12 s, the imported NCSNv2 20 -> 11 s). Their numbers
-change by float rounding only, and every comparison in them is against a tolerance.
+caches: the image-network and classifier modules took 232 s before and 163 s after
+(RefineNet training 22 -> 9 s, NCSN++ training 19 -> 12 s, the imported NCSNv2
+20 -> 11 s). Their numbers change by float rounding only, and each comparison in them is
+against a tolerance or between two runs of one program.
 Tests whose time is in running programs (the samplers' exact-score tests, simulations)
 keep the default: unoptimised code made those up to 6x slower. So do tests that compare
 two programs' results at float-rounding tolerance: under it, `probability_flow` and
